@@ -1,0 +1,203 @@
+"""Backbone registry and factory (after timm's ``_registry``/``_factory``).
+
+    model = backbones.load("dea-net")                      # shipped default weights
+    model = backbones.load("dea-net", weights="Base.pth")  # a released checkpoint
+    model = backbones.load("mypkg.nets:build", weights="w.pth")
+
+A name is either a registered backbone (see :func:`list_backbones`) or
+``package.module:factory``, a callable returning an ``nn.Module`` that maps
+(N, 3, H, W) RGB in [0, 1] to the same. Every loaded model carries a
+``bilalora_info`` dict (name, weights source, pad multiple) used in records.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import UserError
+
+__all__ = [
+    "BackboneSpec",
+    "register",
+    "list_backbones",
+    "get_spec",
+    "create",
+    "load",
+    "shipped_weights",
+    "WEIGHTS_DIR",
+]
+
+#: Folder of weights shipped inside the package.
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+#: The release's 16 search sites for DEA-Net (decoder blocks are not candidates).
+DEA_NET_SEARCH_SITES = (
+    "down_level1_block[1-4]",
+    "down_level2_block[1-4]",
+    "level3_block[1-8]",
+)
+
+
+@dataclass
+class BackboneSpec:
+    """What the registry knows about a backbone.
+
+    Attributes:
+        name: registry name.
+        factory: callable building the network with random weights.
+        description: one line for listings.
+        default_sites: glob patterns of the default search space (None: all sites).
+        weights_file: file name under :data:`WEIGHTS_DIR` of shipped weights, if any.
+        pad_multiple: H and W must be multiples of this.
+        kwargs: keyword arguments passed to ``factory``.
+    """
+
+    name: str
+    factory: Callable
+    description: str = ""
+    default_sites: Optional[tuple[str, ...]] = None
+    weights_file: Optional[str] = None
+    pad_multiple: int = 4
+    kwargs: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (a later registration of a name replaces it)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[BackboneSpec]:
+    """Registered backbones, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registered spec for ``name``, or a spec wrapping ``package.module:factory``."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return BackboneSpec(name=name, factory=_import_factory(name), description="user factory")
+    known = ", ".join(_REGISTRY)
+    raise UserError(f"unknown backbone '{name}' (--backbone): use one of {known} or 'package.module:factory'")
+
+
+def shipped_weights(name: str) -> Optional[Path]:
+    """Path of the weights shipped for a registered backbone, if present on disk.
+
+    ``BILALORA_WEIGHTS_DIR`` overrides the package folder.
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None or not spec.weights_file:
+        return None
+    folder = Path(os.environ.get("BILALORA_WEIGHTS_DIR", WEIGHTS_DIR))
+    path = folder / spec.weights_file
+    return path if path.is_file() else None
+
+
+def create(name: str, **kwargs):
+    """Build the backbone ``name`` with random weights. Returns an ``nn.Module``."""
+    spec = get_spec(name)
+    try:
+        model = spec.factory(**{**spec.kwargs, **kwargs})
+    except TypeError as exc:
+        raise UserError(f"cannot build backbone '{name}': {exc}") from None
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UserError(f"backbone factory '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    sites = spec.default_sites if spec.default_sites is not None else getattr(model, "default_sites", None)
+    model.bilalora_info = {
+        "name": name,
+        "weights": "random",
+        "pad_multiple": int(getattr(model, "pad_multiple", spec.pad_multiple)),
+        "default_sites": list(sites) if sites is not None else None,
+    }
+    return model
+
+
+def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, **kwargs):
+    """Build a backbone and load weights; returns the model in eval mode on the CPU.
+
+    Args:
+        name: registry name or ``package.module:factory``.
+        weights: a .pth/.pt/.ckpt/.bin/.safetensors file; ``None`` takes the
+            shipped default weights when the backbone has them (else random
+            init, recorded as ``bilalora_info["weights"] == "random"``);
+            ``"random"`` forces random init.
+        kwargs: passed to the factory (e.g. ``width=8``).
+    """
+    from .checkpoint import load_into, read_state_dict
+
+    model = create(name, **kwargs)
+    if weights is None and not kwargs:
+        weights = shipped_weights(name)
+    if weights is not None and str(weights) != "random":
+        state = read_state_dict(weights)
+        load_into(model, state, source=f"weights {weights}")
+        model.bilalora_info["weights"] = str(weights)
+    return model.eval()
+
+
+def _import_factory(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import backbone module '{module_name}' (--backbone {spec}): {exc}") from None
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UserError(f"module '{module_name}' has no callable '{attr}' (--backbone {spec})")
+    return factory
+
+
+def _dea_net(width: int = 32, train_form: bool = False):
+    from .dea_net import DEANet
+
+    return DEANet(width=width, train_form=train_form)
+
+
+register(
+    BackboneSpec(
+        "dea-net",
+        _dea_net,
+        "DEA-Net, width 32 (3.65 M params), plain inference form",
+        DEA_NET_SEARCH_SITES,
+        weights_file="dea-net.safetensors",
+    )
+)
+register(
+    BackboneSpec(
+        "dea-net-train",
+        _dea_net,
+        "DEA-Net, width 32, DEConv training form (re-parameterises into dea-net)",
+        DEA_NET_SEARCH_SITES,
+        kwargs={"train_form": True},
+    )
+)
+register(
+    BackboneSpec(
+        "dea-net-s",
+        _dea_net,
+        "DEA-Net, width 16 (0.92 M params), for edge devices",
+        DEA_NET_SEARCH_SITES,
+        weights_file="dea-net-s.safetensors",
+        kwargs={"width": 16},
+    )
+)
+register(
+    BackboneSpec(
+        "dea-net-t",
+        _dea_net,
+        "DEA-Net, width 8 (0.23 M params), tiny: smoke tests and microcontrollers",
+        DEA_NET_SEARCH_SITES,
+        kwargs={"width": 8},
+    )
+)

@@ -1,0 +1,1 @@
+"""The ``bilalora`` command line (installed as ``bilalora.cli``): a thin Typer layer over the library."""

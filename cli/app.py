@@ -1,0 +1,35 @@
+"""The ``bilalora`` Typer app. Each command lives in its own module; this file wires them."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from .info import info_command
+from .sites import sites_command
+
+app = typer.Typer(
+    name="bilalora",
+    help=(
+        "Adapt dehazing networks to real haze with bilevel-positioned LoRA, export them "
+        "(ONNX, TensorRT) and run them on cameras and drones.\n\n"
+        "images/ -> adapt -> adapter -> export -> model.onnx / model.engine -> run"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("sites")(sites_command)
+app.command("info")(info_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

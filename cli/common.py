@@ -1,0 +1,72 @@
+"""Shared pieces of the CLI: the console, one-line errors, device choice, progress bars."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bilalora.errors import UserError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable)
+
+
+def user_errors(func: F) -> F:
+    """Turn a :class:`UserError` into one red line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err_console.print(f"[bold red]error:[/] {exc.message}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: what was already written is kept")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_device(device: str) -> str:
+    """Map ``auto|cpu|cuda|cuda:N`` to a torch device string; ``cuda`` without a GPU is a UserError."""
+    import torch
+
+    device = device.lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but no CUDA GPU is visible; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    """A rich progress bar with a description, count, elapsed time and ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=transient,
+        disable=not sys.stdout.isatty() and False,
+    )
+
+
+def backbone_from_flags(backbone: str, weights: str | None):
+    """Load the backbone named by --backbone/--weights (UserError on bad input)."""
+    from bilalora import backbones
+
+    return backbones.load(backbone, weights=weights)
