@@ -6,7 +6,9 @@ import os
 
 import typer
 
+from .adapt import adapt_command
 from .info import info_command
+from .pretrain import pretrain_command
 from .sites import sites_command
 
 app = typer.Typer(
@@ -21,8 +23,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+app.command("adapt")(adapt_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
+app.command("pretrain")(pretrain_command)
 
 
 def main() -> None:
