@@ -8,7 +8,6 @@ import typer
 
 from .adapt import adapt_command
 from .info import info_command
-from .pretrain import pretrain_command
 from .sites import sites_command
 
 app = typer.Typer(
@@ -26,7 +25,6 @@ app = typer.Typer(
 app.command("adapt")(adapt_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
-app.command("pretrain")(pretrain_command)
 
 
 def main() -> None:
