@@ -7,6 +7,7 @@ import os
 import typer
 
 from .adapt import adapt_command
+from .export import export_command
 from .info import info_command
 from .sites import sites_command
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 
 app.command("adapt")(adapt_command)
+app.command("export")(export_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
 

@@ -1,0 +1,73 @@
+"""Export adapted dehazing networks: merge -> ONNX (fp32, fp16) -> TensorRT, with parity gates.
+
+    from bilalora.export import ExportOptions, run_export
+    result = run_export(ExportOptions(adapter="day.safetensors", fp16=True))
+    result.artefacts          # merged.safetensors, model.onnx, model_fp16.onnx (+ model.engine with trt=True)
+    result.record             # the model.json record (schema: bilalora.export.sidecar)
+
+Building blocks (each usable alone):
+
+* :func:`merge_adapter` / :func:`save_merged` (:mod:`.merge`): top-k gated deltas into the base weights.
+* :func:`export_onnx` / :func:`export_fp16` (:mod:`.onnx_export`, :mod:`.fp16`): the ONNX graphs.
+* :func:`onnx_parity`, :func:`random_cases`, :func:`image_cases` (:mod:`.parity`): the gates.
+* :func:`make_profile`, :func:`build_engine`, :func:`engine_plan` (:mod:`.trt`): TensorRT.
+* :func:`read_sidecar`, :func:`engine_mismatch` (:mod:`.sidecar`): model.json, torch-free.
+
+Attributes are imported on first use, so ``bilalora.export.sidecar`` stays
+importable without torch (the runtime reads model.json with it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ExportOptions": "pipeline",
+    "ExportResult": "pipeline",
+    "Artefact": "pipeline",
+    "Source": "pipeline",
+    "Events": "pipeline",
+    "resolve_source": "pipeline",
+    "run_export": "pipeline",
+    "MergeReport": "merge",
+    "merge_adapter": "merge",
+    "gated_copy": "merge",
+    "save_merged": "merge",
+    "ExportWrapper": "onnx_export",
+    "OnnxExport": "onnx_export",
+    "export_onnx": "onnx_export",
+    "DEFAULT_OPSET": "onnx_export",
+    "export_fp16": "fp16",
+    "Case": "parity",
+    "ParityError": "parity",
+    "ParityResult": "parity",
+    "random_cases": "parity",
+    "image_cases": "parity",
+    "onnx_parity": "parity",
+    "ShapeProfile": "trt",
+    "TensorRTMissing": "trt",
+    "make_profile": "trt",
+    "engine_plan": "trt",
+    "build_engine": "trt",
+    "refit_map": "trt",
+    "TRT_INSTALL_HINT": "trt",
+    "read_sidecar": "sidecar",
+    "write_sidecar": "sidecar",
+    "engine_mismatch": "sidecar",
+}
+
+__all__ = list(_EXPORTS)  # noqa: PLE0605 - the lazily imported names
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bilalora.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -14,6 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """One torch thread: the suite runs on 2-core machines, often beside other work,
+    where two spinning OpenMP threads per process make small forwards many times slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _shared_root() -> Path:
     return Path(os.environ.get("BILALORA_SHARED", REPO.parent / "shared"))
 
