@@ -179,7 +179,7 @@ def _autocast_factory(device: str, precision: str) -> Callable:
     return lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
-def _candidate_sites(model: nn.Module, config: AdaptConfig) -> list[site_lib.Site]:
+def candidate_sites(model: nn.Module, config: AdaptConfig) -> list[site_lib.Site]:
     pool = site_lib.discover(model) if config.sites else site_lib.default_sites(model)
     chosen = site_lib.select(pool, include=config.sites, exclude=config.exclude_sites)
     if not chosen:
@@ -232,12 +232,12 @@ class _Run:
                 param.requires_grad_(True)
             self.lora_optimizer = make_lora_optimizer(model.parameters(), config.optim)
         elif stage == "search":
-            lora.inject(model, _candidate_sites(model, config), config.rank, config.lora_alpha, gated=True)
+            lora.inject(model, candidate_sites(model, config), config.rank, config.lora_alpha, gated=True)
             lora.freeze_base(model)
             self.lora_optimizer = make_lora_optimizer(lora.lora_parameters(model), config.optim)
             self.gate_optimizer = make_gate_optimizer(lora.gate_parameters(model), config.optim)
         elif config.method == "manual":
-            lora.inject(model, _candidate_sites(model, config), config.rank, config.lora_alpha, gated=False)
+            lora.inject(model, candidate_sites(model, config), config.rank, config.lora_alpha, gated=False)
             lora.freeze_base(model)
             self.selected = list(lora.site_gates(model))
             self.lora_optimizer = make_lora_optimizer(lora.lora_parameters(model), config.optim)

@@ -58,13 +58,13 @@ def adapt_command(
     import torch
 
     from bilalora import backbones
-    from bilalora.adapt import AdaptConfig, adapt
+    from bilalora.adapt import AdaptConfig, adapt, candidate_sites
+    from bilalora.data import list_images
     from bilalora.errors import UserError
     from bilalora.objectives import build_objective
     from bilalora.runs import adapt_root, new_run_dir
     from bilalora.search import OptimConfig
 
-    run_dir = _choose_run_dir(out, name, resume, adapt_root, new_run_dir)
     device = resolve_device(device)
     torch.manual_seed(seed)
     if weights is None and backbones.shipped_weights(backbone) is None and ":" not in backbone:
@@ -72,16 +72,6 @@ def adapt_command(
             f"backbone '{backbone}' has no shipped weights in this installation; pass --weights FILE "
             "(a checkpoint trained on synthetic pairs, e.g. from `bilalora pretrain`)"
         )
-    model = backbones.load(backbone, weights=weights)
-    options = {
-        "clip": clip,
-        "pretrained": clip_pretrained,
-        "clip_config": str(clip_config) if clip_config else None,
-        "negative": negative,
-        "positive": positive,
-        "night": night or None,
-    }
-    loss = build_objective(objective, **{k: v for k, v in options.items() if v is not None})
     config = AdaptConfig(
         method=method,
         sites=parse_list(sites),
@@ -103,6 +93,21 @@ def adapt_command(
         optim=OptimConfig(lr=lr, gate_lr=gate_lr, clip_norm=clip_norm),
     )
     config.validate()
+    if not resume:
+        list_images(images, recursive=recursive)  # a bad folder fails before CLIP loads
+    model = backbones.load(backbone, weights=weights)
+    if not resume and method != "full":
+        candidate_sites(model, config)  # bad --sites patterns fail before CLIP loads
+    options = {
+        "clip": clip,
+        "pretrained": clip_pretrained,
+        "clip_config": str(clip_config) if clip_config else None,
+        "negative": negative,
+        "positive": positive,
+        "night": night or None,
+    }
+    loss = build_objective(objective, **{k: v for k, v in options.items() if v is not None})
+    run_dir = _choose_run_dir(out, name, resume, adapt_root, new_run_dir)
     console.print(f"[bold]bilalora adapt[/] -> {run_dir}")
     console.print(
         f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, method {method}, "

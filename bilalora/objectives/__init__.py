@@ -1,0 +1,199 @@
+"""Objectives for adaptation: H2C (CLIP text-directed), Prior (CLIP-free), compositions.
+
+    obj = build_objective("h2c")                          # METHOD.md section 2
+    obj = build_objective("prior")                        # air-gapped, no CLIP
+    obj = build_objective("h2c:1+prior:0.5", pretrained="clip.safetensors", exposure_weight=2)
+    loss = obj(output, hazy)      # (N, 3, H, W) each -> 0-d tensor
+    obj.last_terms                # {"h2c": ..., "prior": ..., "prior.dark": ..., "total": ...}
+
+A spec is ``NAME`` or ``NAME:WEIGHT`` joined by ``+``. Keyword options are
+forwarded to every selected part that accepts them (by signature); options set
+to None are dropped, so a CLI can pass every flag through unchanged.
+:func:`register_objective` adds a factory under a new name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .base import Objective, clamp01
+from .h2c import H2C, h2c_from_embeddings
+from .prior import Prior
+
+__all__ = [
+    "H2C",
+    "Composite",
+    "Objective",
+    "Prior",
+    "build_objective",
+    "clamp01",
+    "h2c_from_embeddings",
+    "list_objectives",
+    "parse_spec",
+    "register_objective",
+]
+
+log = logging.getLogger("bilalora.objectives")
+
+_REGISTRY: dict[str, Callable[..., Objective]] = {}
+
+
+def register_objective(name: str, factory: Callable[..., Objective], overwrite: bool = False) -> None:
+    """Register ``factory(**options) -> Objective`` under ``name`` (lower-case, no ``+`` or ``:``)."""
+    key = name.strip().lower()
+    if not key or any(ch in key for ch in "+: "):
+        raise ValueError(f"objective name {name!r} must be non-empty without '+', ':' or spaces")
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"objective {key!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[key] = factory
+
+
+def list_objectives() -> list[str]:
+    """Registered objective names, sorted."""
+    return sorted(_REGISTRY)
+
+
+register_objective("h2c", H2C)
+register_objective("prior", Prior)
+
+
+class Composite(Objective):
+    """Weighted sum of objectives: ``L = sum_i w_i * L_i``.
+
+    ``last_terms`` merges the parts' terms (``h2c``, ``prior``, ``prior.dark``,
+    ...; unweighted) and adds ``total`` (the weighted sum).
+    """
+
+    def __init__(self, parts: list[tuple[Objective, float]], name: str | None = None) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("Composite needs at least one part")
+        self.parts = [(obj, float(w)) for obj, w in parts]
+        self.name = name or "+".join(f"{obj.name}:{_fmt(w)}" for obj, w in self.parts)
+
+    def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
+        total = None
+        terms: dict[str, torch.Tensor] = {}
+        for obj, weight in self.parts:
+            value = obj(output, hazy)
+            terms.update(getattr(obj, "_terms", {}))
+            terms.setdefault(obj.name, value.detach())
+            total = weight * value if total is None else total + weight * value
+        terms["total"] = total.detach()
+        self._terms = terms
+        return total
+
+    def describe(self) -> dict:
+        return {"name": self.name, "parts": [{"weight": w, **obj.describe()} for obj, w in self.parts]}
+
+    def _move(self, device: torch.device) -> None:
+        for obj, _ in self.parts:
+            obj.to(device)
+
+
+def _fmt(weight: float) -> str:
+    return f"{weight:g}"
+
+
+def parse_spec(spec: str) -> list[tuple[str, float | None]]:
+    """``"h2c:1+prior:0.5"`` -> ``[("h2c", 1.0), ("prior", 0.5)]``; a bare name gets None."""
+    valid = ", ".join(list_objectives())
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"--objective: empty; use one of {valid}, or a weighted sum such as h2c:1+prior:0.5")
+    parts: list[tuple[str, float | None]] = []
+    for chunk in spec.replace(" ", "").lower().split("+"):
+        name, sep, weight_text = chunk.partition(":")
+        if name not in _REGISTRY:
+            raise UserError(f"--objective {spec}: unknown objective {name!r}; valid names: {valid} "
+                            "(combine as h2c:1+prior:0.5)")
+        weight = None
+        if sep:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                weight = float("nan")
+            if not (math.isfinite(weight) and weight > 0):
+                raise UserError(f"--objective {spec}: weight {weight_text!r} of {name} must be a number > 0")
+        if any(name == seen for seen, _ in parts):
+            raise UserError(f"--objective {spec}: {name} appears twice")
+        parts.append((name, weight))
+    return parts
+
+
+def _accepted(factory: Callable[..., Objective]) -> tuple[set[str], bool]:
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _is_default(option: str, value: Any) -> bool:
+    """True if some registered factory takes ``option`` with ``value`` as its default."""
+    for factory in _REGISTRY.values():
+        try:
+            param = inspect.signature(factory).parameters.get(option)
+        except (TypeError, ValueError):
+            continue
+        if param is not None and param.default is not inspect.Parameter.empty and param.default == value:
+            return True
+    return False
+
+
+def build_objective(spec: str, **options: Any) -> Objective:
+    """Build an objective from a spec (``h2c``, ``prior``, ``h2c+prior``, ``h2c:1+prior:0.5``).
+
+    Args:
+        spec: the ``--objective`` value.
+        **options: forwarded to each part that accepts them; H2C: ``clip``,
+            ``pretrained``, ``clip_config``, ``negative``, ``positive``, ``night``,
+            ``mode``, ``device``; Prior: ``dark_weight``, ``exposure_weight``,
+            ``colour_weight``, ``hue_weight``, ``structure_weight``,
+            ``exposure_target``, ``exposure_relative``, ``dark_window``, ``tau``,
+            ``dark_floor``, ``hue_reference``. None values are dropped; an option
+            that only unselected parts accept is ignored (logged as a warning
+            unless it equals that part's default, e.g. ``night=False``).
+
+    Returns:
+        The single objective for a bare single name, else a :class:`Composite`
+        (bare names weigh 1).
+
+    Raises:
+        UserError: unknown name or bad weight (naming ``--objective``), or
+            whatever a part raises (e.g. CLIP weights that cannot be loaded).
+        TypeError: an option no registered objective accepts (a programming error).
+    """
+    parts = parse_spec(spec)
+    options = {k: v for k, v in options.items() if v is not None}
+    known_anywhere: set[str] = set()
+    for factory in _REGISTRY.values():
+        names, var_kw = _accepted(factory)
+        known_anywhere |= names
+        if var_kw:
+            known_anywhere |= set(options)
+    stray = sorted(set(options) - known_anywhere)
+    if stray:
+        raise TypeError(f"build_objective: unknown option(s) {', '.join(stray)}")
+
+    built: list[tuple[Objective, float]] = []
+    used: set[str] = set()
+    for name, weight in parts:
+        factory = _REGISTRY[name]
+        names, var_kw = _accepted(factory)
+        kwargs = {k: v for k, v in options.items() if var_kw or k in names}
+        used |= set(kwargs)
+        built.append((factory(**kwargs), 1.0 if weight is None else weight))
+    unused = sorted(k for k in set(options) - used - {"device"} if not _is_default(k, options[k]))
+    if unused:
+        log.warning("objective %s ignores option(s): %s", spec, ", ".join(unused))
+    if len(built) == 1 and parts[0][1] is None:
+        return built[0][0]
+    return Composite(built, name=None)

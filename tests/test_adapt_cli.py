@@ -1,0 +1,109 @@
+"""`bilalora adapt` through the CLI: tiny CLIP via the real loading path, prior objective,
+baselines, the default runs/ folder, and the chain into `bilalora export --merge`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bilalora import backbones
+from bilalora.adapter import Adapter
+from bilalora.cli.app import app
+
+ASSETS = Path(__file__).parent / "assets"
+FAST = ["--epochs", "4", "--search-epochs", "2", "--batch", "4", "--crop", "32", "--workers", "0",
+        "--lr", "1e-3", "--gate-lr", "1e-2", "--device", "cpu"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base_weights(tmp_path_factory) -> Path:
+    """A width-8 DEA-Net's random weights saved as the user's pretrained checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "dea-net-t.pth"
+    torch.save(backbones.create("dea-net-t").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A randomly initialised tiny open_clip checkpoint matching tests/assets/tiny_clip.json."""
+    from bilalora.objectives.clip_loader import save_random_checkpoint
+
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
+    save_random_checkpoint(path, clip=None, clip_config=ASSETS / "tiny_clip.json")
+    return path
+
+
+def _invoke(args):
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_adapt_h2c_with_tiny_clip(tmp_path, hazy_folder, base_weights, tiny_clip):
+    out = tmp_path / "run"
+    result = _invoke(["adapt", "--images", str(hazy_folder), "--out", str(out), "--backbone", "dea-net-t",
+                      "--weights", str(base_weights), "--clip-config", str(ASSETS / "tiny_clip.json"),
+                      "--clip-pretrained", str(tiny_clip), "--top-k", "3", *FAST])
+    assert "selected sites" in result.output
+    adapter = Adapter.load(out / "adapter.safetensors")
+    assert len(adapter.sites) == 3
+    assert adapter.meta["objective"]["name"] == "h2c"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selected"] == list(adapter.sites)
+    assert summary["weights"] == str(base_weights) and summary["backbone"] == "dea-net-t"
+    model = backbones.load("dea-net-t", weights=base_weights)
+    adapter.merge_into(model)  # fingerprint of the user's weights matches
+
+
+def test_adapt_prior_default_runs_folder_then_export(tmp_path, hazy_folder, base_weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _invoke(["adapt", "--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t",
+             "--weights", str(base_weights), *FAST])
+    _invoke(["adapt", "--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t",
+             "--weights", str(base_weights), *FAST])
+    assert (tmp_path / "runs/adapt/exp/adapter.safetensors").is_file()
+    assert (tmp_path / "runs/adapt/exp2/adapter.safetensors").is_file()
+    result = _invoke(["export", "--merge"])
+    assert "exp2" in result.output
+    assert (tmp_path / "runs/adapt/exp2/export/model.onnx").is_file()
+    assert (tmp_path / "runs/adapt/exp2/export/merged.safetensors").is_file()
+    record = json.loads((tmp_path / "runs/adapt/exp2/export/model.json").read_text())
+    assert record["adapter"]["base_fingerprint"] == record["base_fingerprint"]
+    assert record["adapter"]["merge"]["max_abs"] <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["joint", "manual", "full"])
+def test_adapt_baselines_cli(tmp_path, hazy_folder, base_weights, method):
+    extra = ["--sites", "level3_block1,level3_block2"] if method == "manual" else []
+    out = tmp_path / method
+    _invoke(["adapt", "--images", str(hazy_folder), "--out", str(out), "--objective", "prior", "--method", method,
+             "--backbone", "dea-net-t", "--weights", str(base_weights), *extra, *FAST])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method
+    assert Path(summary["artefact"]).is_file()
+
+
+def test_adapt_user_errors_are_one_line(tmp_path, hazy_folder, base_weights):
+    cases = [
+        (["--images", str(tmp_path / "none")], "does not exist"),
+        (["--images", str(hazy_folder), "--method", "manual"], "--sites"),
+        (["--images", str(hazy_folder), "--objective", "fog"], "--objective"),
+        (["--images", str(hazy_folder), "--clip-pretrained", str(tmp_path / "missing.pt")], "--objective prior"),
+        (["--images", str(hazy_folder), "--sites", "nope*"], "match no site"),
+        (["--images", str(hazy_folder), "--device", "tpu"], "--device"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, ["adapt", *args, "--backbone", "dea-net-t", "--weights", str(base_weights),
+                                     "--out", str(tmp_path / "r"), *FAST[:-2]], terminal_width=300)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    result = runner.invoke(app, ["adapt", "--images", str(hazy_folder), "--backbone", "dea-net-t"],
+                           terminal_width=300)
+    assert result.exit_code == 2 and "--weights" in result.output

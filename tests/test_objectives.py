@@ -1,0 +1,495 @@
+"""Tests for bilalora.objectives: H2C (tiny open_clip model, real loading path), Prior, composition.
+
+The CLIP model is a tiny architecture (tests/assets/tiny_clip.json) registered through
+the ``clip_config`` argument, with randomly initialised weights written to files by the
+test and loaded back through ``pretrained=FILE`` / ``local-dir:DIR``. No network.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bilalora.errors import UserError
+from bilalora.objectives import (
+    H2C,
+    Composite,
+    Objective,
+    Prior,
+    build_objective,
+    clamp01,
+    clip_loader,
+    h2c_from_embeddings,
+    list_objectives,
+    parse_spec,
+    register_objective,
+)
+from bilalora.objectives.h2c import NIGHT_NEGATIVE
+from bilalora.objectives.prior import estimate_airlight
+
+ASSETS = Path(__file__).parent / "assets"
+TINY = ASSETS / "tiny_clip.json"
+
+
+# ----------------------------------------------------------------------------
+# fixtures / helpers
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> dict[str, Path]:
+    """Random tiny-CLIP weights as .pt (torch.save) and .safetensors files."""
+    folder = tmp_path_factory.mktemp("clip")
+    return {
+        "pt": clip_loader.save_random_checkpoint(folder / "tiny.pt", clip_config=TINY, seed=0),
+        "safetensors": clip_loader.save_random_checkpoint(folder / "tiny.safetensors", clip_config=TINY, seed=0),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_weights):
+    return clip_loader.load_clip(pretrained=str(tiny_weights["pt"]), clip_config=str(TINY))
+
+
+def tiny_h2c(tiny_loaded, **kwargs) -> H2C:
+    """An H2C on the already loaded tiny CLIP (loading itself is tested separately)."""
+    return H2C(loaded=tiny_loaded, **kwargs)
+
+
+def textured(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """A synthetic textured scene J in [0, 1], (n, 3, size, size)."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    images = []
+    for _ in range(n):
+        f = torch.rand(3, generator=gen) * 6 + 2
+        scene = torch.stack([
+            0.5 + 0.4 * torch.sin(2 * math.pi * f[0] * xx),
+            0.5 + 0.4 * torch.cos(2 * math.pi * f[1] * yy),
+            0.5 + 0.3 * torch.sin(2 * math.pi * f[2] * (xx + yy)),
+        ])
+        scene = scene + 0.03 * torch.randn(scene.shape, generator=gen)
+        images.append(scene.clamp(0, 1))
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------
+# CLIP loading
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["pt", "safetensors"])
+def test_h2c_loads_tiny_clip_frozen(tiny_weights, kind):
+    obj = H2C(pretrained=str(tiny_weights[kind]), clip_config=str(TINY))
+    assert obj.clip.name == "tiny_clip" and obj.clip.route == "file"
+    assert obj.image_size == (224, 224)
+    assert not obj.model.training
+    assert all(not p.requires_grad for p in obj.model.parameters())
+    assert not isinstance(obj, nn.Module)
+    desc = obj.describe()
+    json.dumps(desc)
+    assert desc["clip"] == "tiny_clip" and desc["pretrained"] == str(tiny_weights[kind])
+    assert desc["negative"] == "a photo with haze" and desc["positive"] == "a clear photo" and desc["mode"] == "both"
+
+
+def test_both_checkpoint_formats_hold_the_same_weights(tiny_weights):
+    a = clip_loader.load_clip(pretrained=str(tiny_weights["pt"]), clip_config=TINY).model.state_dict()
+    b = clip_loader.load_clip(pretrained=str(tiny_weights["safetensors"]), clip_config=TINY).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_params_never_reachable_as_trainable(tiny_loaded):
+    obj = tiny_h2c(tiny_loaded)
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.objective = obj  # a plain attribute: not a registered submodule
+
+    net = Backbone()
+    assert len(list(net.parameters())) == 2
+    net.train()
+    assert not obj.model.training
+    out = net.conv(torch.rand(1, 3, 32, 32))
+    obj(out, torch.rand(1, 3, 32, 32)).backward()
+    assert net.conv.weight.grad is not None
+    assert all(p.grad is None for p in obj.model.parameters())
+
+
+def test_text_features_computed_once(tiny_weights, monkeypatch):
+    from open_clip.model import CLIP
+
+    calls = []
+    original = CLIP.encode_text
+
+    def counting(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIP, "encode_text", counting)
+    obj = H2C(pretrained=str(tiny_weights["pt"]), clip_config=str(TINY))
+    assert calls == [False]  # both prompts in one call, without grad
+    for _ in range(3):
+        obj(torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_gradient_reaches_output_not_hazy(tiny_loaded, monkeypatch):
+    obj = tiny_h2c(tiny_loaded)
+    grad_modes = []
+    original = obj.model.encode_image
+
+    def spy(images, *args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        assert images.shape[-2:] == (224, 224)
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr(obj.model, "encode_image", spy)
+    output = torch.rand(2, 3, 40, 56, requires_grad=True)
+    hazy = torch.rand(2, 3, 40, 56, requires_grad=True)
+    loss = obj(output, hazy)
+    assert loss.ndim == 0 and 0.0 <= float(loss.detach()) <= 2.0
+    loss.backward()
+    assert output.grad is not None and torch.isfinite(output.grad).all() and output.grad.abs().sum() > 0
+    assert hazy.grad is None
+    assert sorted(grad_modes) == [False, True]  # hazy embedding without grad, output with
+    assert set(obj.last_terms) == {"h2c"} and obj.last_terms["h2c"] == pytest.approx(float(loss.detach()))
+
+
+def test_h2c_clamps_only_for_clip_with_inward_gradient(tiny_loaded):
+    obj = tiny_h2c(tiny_loaded)
+    base = torch.rand(1, 3, 32, 32)
+    over = base.clone()
+    over[..., :4, :4] = 1.5
+    assert float(obj(over, base)) == pytest.approx(float(obj(over.clamp(0, 1), base)), abs=1e-6)
+
+
+def test_h2c_modes_and_night_prompt(tiny_loaded):
+    assert tiny_h2c(tiny_loaded, night=True).negative == NIGHT_NEGATIVE
+    custom = tiny_h2c(tiny_loaded, negative="smog", positive="crisp", mode="positive")
+    assert (custom.negative, custom.positive, custom.mode) == ("smog", "crisp", "positive")
+    out, hazy = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    for mode in ("positive", "negative"):
+        obj = tiny_h2c(tiny_loaded, mode=mode)
+        assert 0.0 <= float(obj(out, hazy)) <= 2.0
+    with pytest.raises(UserError, match="mode"):
+        tiny_h2c(tiny_loaded, mode="sideways")
+
+
+def test_h2c_rejects_bad_shapes(tiny_loaded):
+    obj = tiny_h2c(tiny_loaded)
+    with pytest.raises(UserError, match=r"\(N, 3, H, W\)"):
+        obj(torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32))
+
+
+def test_local_dir_route(tiny_weights, tmp_path):
+    folder = tmp_path / "tiny_dir"
+    folder.mkdir()
+    config = {"model_cfg": json.loads(TINY.read_text()), "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="no .safetensors"):
+        H2C(pretrained=f"local-dir:{folder}")  # open_clip alone would initialise randomly here
+    (folder / "open_clip_model.safetensors").write_bytes(tiny_weights["safetensors"].read_bytes())
+    obj = H2C(pretrained=f"local-dir:{folder}")
+    assert obj.clip.route == "local-dir" and obj.clip.mean == (0.5, 0.5, 0.5)
+    assert 0.0 <= float(obj(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))) <= 2.0
+    with pytest.raises(UserError, match="no such folder"):
+        H2C(pretrained=f"local-dir:{tmp_path / 'missing'}")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_archive_route(tiny_loaded, tmp_path):
+    path = tmp_path / "tiny_jit.pt"
+    torch.jit.script(tiny_loaded.model).save(str(path))
+    loaded = clip_loader.load_clip(pretrained=str(path), clip_config=TINY)
+    assert loaded.route == "file (TorchScript)"
+    ref = tiny_loaded.model.state_dict()
+    assert all(torch.equal(loaded.model.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_env_var_is_the_default_source(tiny_weights, monkeypatch):
+    monkeypatch.setenv(clip_loader.ENV_PRETRAINED, str(tiny_weights["safetensors"]))
+    obj = H2C(clip_config=str(TINY))
+    assert clip_loader.ENV_PRETRAINED in obj.describe()["pretrained"]
+    monkeypatch.setenv(clip_loader.ENV_PRETRAINED, "/nowhere/clip.safetensors")
+    with pytest.raises(UserError, match=clip_loader.ENV_PRETRAINED):
+        H2C(clip_config=str(TINY))
+
+
+# ----------------------------------------------------------------------------
+# CLIP loading failures: one line, naming the ways out, never random weights
+# ----------------------------------------------------------------------------
+def _one_line_help(err: UserError) -> None:
+    msg = str(err)
+    assert "\n" not in msg
+    for needle in ("--objective prior", "--clip-pretrained", "local-dir:", "BILALORA_CLIP_PRETRAINED"):
+        assert needle in msg
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as info:
+        H2C(pretrained=str(tmp_path / "missing.pt"), clip_config=str(TINY))
+    _one_line_help(info.value)
+    assert "no such file" in str(info.value)
+
+
+def test_bad_and_mismatched_files(tiny_weights, tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(UserError) as info:
+        H2C(pretrained=str(junk), clip_config=str(TINY))
+    _one_line_help(info.value)
+    other = tmp_path / "tiny_other.json"
+    cfg = json.loads(TINY.read_text())
+    cfg["embed_dim"] = 16
+    other.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="tiny_other") as info:
+        H2C(pretrained=str(tiny_weights["pt"]), clip_config=str(other))
+    _one_line_help(info.value)
+
+
+def test_hub_tag_offline_without_cache_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    except ImportError:  # pragma: no cover - open_clip then uses the URL route, unreachable too
+        pass
+    monkeypatch.delenv(clip_loader.ENV_PRETRAINED, raising=False)
+    start = time.monotonic()
+    with pytest.raises(UserError) as info:
+        clip_loader.load_clip("ViT-B-32-quickgelu", "openai", cache_dir=str(tmp_path / "empty_cache"))
+    assert time.monotonic() - start < 10
+    _one_line_help(info.value)
+    assert "'openai'" in str(info.value)
+
+
+def test_unknown_names_and_configs(tmp_path):
+    with pytest.raises(UserError, match="--clip ViT-Nope"):
+        clip_loader.load_clip("ViT-Nope", "openai")
+    with pytest.raises(UserError, match="not a known tag"):
+        clip_loader.load_clip("ViT-B-32-quickgelu", "no_such_tag")
+    with pytest.raises(UserError, match="--clip-config"):
+        clip_loader.load_clip(clip_config=tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        clip_loader.load_clip(clip_config=bad)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"embed_dim": 8}))
+    with pytest.raises(UserError, match="vision_cfg"):
+        clip_loader.load_clip(clip_config=partial)
+    with pytest.raises(UserError, match="does not match"):
+        clip_loader.load_clip("ViT-B-16", clip_config=TINY)
+
+
+# ----------------------------------------------------------------------------
+# H2C on embeddings
+# ----------------------------------------------------------------------------
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def test_h2c_zero_when_aligned_two_when_opposite():
+    gen = torch.Generator().manual_seed(1)
+    pos, neg = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    # out - in along pos - neg (after normalisation): d_img == d_text
+    assert float(h2c_from_embeddings(3 * pos[None], 2 * neg[None], pos, neg)) == pytest.approx(0.0, abs=1e-6)
+    assert float(h2c_from_embeddings(neg[None], pos[None], pos, neg)) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_moving_along_text_direction_lowers_h2c():
+    gen = torch.Generator().manual_seed(2)
+    pos, neg = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    d_text = _unit(_unit(pos) - _unit(neg))
+    inp = torch.randn(4, 16, generator=gen)
+    out = _unit(inp) + 0.3 * torch.randn(4, 16, generator=gen)
+    losses = [float(h2c_from_embeddings(_unit(out) + s * d_text, inp, pos, neg)) for s in (0.0, 0.1, 0.3, 1.0)]
+    assert all(a > b for a, b in itertools.pairwise(losses))
+    per = h2c_from_embeddings(out, inp, pos, neg, reduction="none")
+    assert per.shape == (4,) and float(per.mean()) == pytest.approx(losses[0], abs=1e-6)
+    # gradient descent moves out along d_text
+    out = out.clone().requires_grad_(True)
+    h2c_from_embeddings(out, inp, pos, neg).backward()
+    assert float((-out.grad * d_text).sum()) > 0
+
+
+def test_only_positive_and_only_negative_variants():
+    gen = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    f = h2c_from_embeddings
+    assert float(f(5 * pos[None], None, pos, None, mode="positive")) == pytest.approx(0.0, abs=1e-6)
+    assert float(f(-pos[None], None, pos, None, mode="positive")) == pytest.approx(2.0, abs=1e-6)
+    assert float(f(-neg[None], None, None, neg, mode="negative")) == pytest.approx(0.0, abs=1e-6)
+    assert float(f(neg[None], None, None, neg, mode="negative")) == pytest.approx(2.0, abs=1e-6)
+    start = torch.randn(1, 16, generator=gen)
+    toward = _unit(start) + 0.5 * _unit(pos)
+    away = _unit(start) - 0.5 * _unit(neg)
+    assert float(f(toward, None, pos, None, mode="positive")) < float(f(start, None, pos, None, mode="positive"))
+    assert float(f(away, None, None, neg, mode="negative")) < float(f(start, None, None, neg, mode="negative"))
+    with pytest.raises(UserError):
+        f(start, start, pos, neg, mode="both-ish")
+
+
+# ----------------------------------------------------------------------------
+# Prior
+# ----------------------------------------------------------------------------
+def test_prior_prefers_dehazed_over_hazy_black_and_washed():
+    clear = textured()
+    hazy = clear * 0.5 + 0.45
+    prior = Prior()
+    score = {name: float(prior(out, hazy)) for name, out in {
+        "clear": clear, "hazy": hazy, "black": torch.zeros_like(clear), "washed": torch.full_like(clear, 0.95),
+    }.items()}
+    assert score["clear"] < score["hazy"]
+    assert score["clear"] < score["black"]
+    assert score["clear"] < score["washed"]
+    assert set(prior.last_terms) == {"prior", "prior.dark", "prior.exposure", "prior.colour", "prior.hue",
+                                     "prior.structure"}
+
+
+def test_prior_hue_term_penalises_hue_swaps_not_saturation_gain():
+    clear = textured(seed=6)
+    hazy = clear * 0.5 + 0.45
+    lum = clear.mean(dim=1, keepdim=True)
+    swapped = (2 * lum - clear).clamp(0, 1)  # complementary colours, same luminance
+    grey = Prior(hue_reference="grey").terms
+    assert float(grey(clear, hazy)["hue"].mean()) < 1e-3  # chroma scaled by 2, direction kept
+    assert float(grey(swapped, hazy)["hue"].mean()) > 0.05
+    airlight = Prior().terms
+    assert float(airlight(swapped, hazy)["hue"].mean()) > 3 * float(airlight(clear, hazy)["hue"].mean())
+    assert float(Prior()(clear, hazy)) < float(Prior()(swapped, hazy))
+    floored = Prior(dark_floor=0.5).terms(clear, hazy)["dark"]
+    assert torch.allclose(floored, torch.zeros(2))
+
+
+def test_airlight_estimate():
+    hazy = textured(seed=7) * 0.3
+    hazy[..., 10:30, 20:40] = torch.tensor([0.9, 0.85, 0.7]).view(1, 3, 1, 1)  # a hazy, bright, tinted patch
+    a = estimate_airlight(hazy)
+    assert a.shape == (2, 3) and torch.allclose(a, torch.tensor([0.9, 0.85, 0.7]).expand(2, 3))
+
+
+def test_prior_fixed_exposure_target_also_ranks():
+    clear = textured(seed=4)
+    hazy = clear * 0.5 + 0.45
+    prior = Prior(exposure_relative=0)
+    assert prior.exposure_relative is None
+    assert float(prior(clear, hazy)) < float(prior(hazy, hazy))
+
+
+def test_prior_gradients_finite_even_out_of_range():
+    hazy = textured() * 0.5 + 0.45
+    for output in (torch.randn(2, 3, 64, 64) * 2, torch.zeros(2, 3, 64, 64), torch.ones(2, 3, 64, 64), hazy.clone()):
+        output.requires_grad_(True)
+        loss = Prior()(output, hazy)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(output.grad).all()
+
+
+def test_prior_terms_and_validation():
+    clear = textured()
+    terms = Prior().terms(clear, clear)
+    assert set(terms) == {"dark", "exposure", "colour", "hue", "structure"}
+    assert all(t.shape == (2,) for t in terms.values())
+    assert torch.allclose(terms["structure"], torch.zeros(2), atol=1e-5)  # identical images
+    assert torch.allclose(terms["hue"], torch.zeros(2), atol=1e-5)
+    assert Prior(structure_weight=0.5).describe()["weights"]["structure"] == 0.5
+    with pytest.raises(UserError, match="dark_weight"):
+        Prior(dark_weight=-1)
+    with pytest.raises(UserError, match="same|differ"):
+        Prior()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16))
+
+
+def test_clamp01_passes_only_inward_gradient():
+    x = torch.tensor([-0.5, -0.5, 0.5, 1.5, 1.5], requires_grad=True)
+    y = clamp01(x)
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    y.backward(torch.tensor([-1.0, 1.0, 1.0, 1.0, -1.0]))
+    # x<0: grad -1 (descent raises x) passes, +1 blocked; x>1: +1 (descent lowers x) passes, -1 blocked
+    assert x.grad.tolist() == [-1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------
+# registry and composition
+# ----------------------------------------------------------------------------
+def test_composite_equals_weighted_sum(tiny_weights):
+    obj = build_objective("h2c:1+prior:0.5", pretrained=str(tiny_weights["pt"]), clip_config=str(TINY),
+                          negative=None, exposure_weight=3.0)
+    assert isinstance(obj, Composite) and obj.name == "h2c:1+prior:0.5"
+    h2c, prior = obj.parts[0][0], obj.parts[1][0]
+    assert prior.weights["exposure_weight"] == 3.0
+    output = textured(seed=5).requires_grad_(True)
+    hazy = textured(seed=5).detach() * 0.5 + 0.45
+    total = obj(output, hazy)
+    expected = float(h2c(output, hazy).detach()) + 0.5 * float(prior(output, hazy).detach())
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+    terms = obj.last_terms
+    assert terms["total"] == pytest.approx(expected, rel=1e-5)
+    assert {"h2c", "prior", "prior.dark", "prior.structure"} <= set(terms)
+    total.backward()
+    assert torch.isfinite(output.grad).all()
+    desc = obj.describe()
+    json.dumps(desc)
+    assert [p["weight"] for p in desc["parts"]] == [1.0, 0.5] and desc["parts"][0]["clip"] == "tiny_clip"
+    assert obj.to("cpu") is obj
+
+
+def test_build_objective_names_and_errors(caplog):
+    assert isinstance(build_objective("prior"), Prior)
+    assert isinstance(build_objective(" PRIOR "), Prior)
+    assert parse_spec("h2c+prior") == [("h2c", None), ("prior", None)]
+    assert parse_spec("h2c:2+prior:0.25") == [("h2c", 2.0), ("prior", 0.25)]
+    with pytest.raises(UserError) as info:
+        build_objective("clip")
+    assert "--objective" in str(info.value) and "h2c" in str(info.value) and "prior" in str(info.value)
+    for spec in ("prior:-1", "prior:x", "prior+prior", ""):
+        with pytest.raises(UserError, match="--objective"):
+            build_objective(spec)
+    with pytest.raises(TypeError, match="no_such_option"):
+        build_objective("prior", no_such_option=1)
+    with caplog.at_level(logging.WARNING, logger="bilalora.objectives"):
+        build_objective("prior", night=False, mode="both", clip=None)  # defaults of h2c: silent
+        assert not caplog.records
+        build_objective("prior", negative="smog")
+        assert "ignores option(s): negative" in caplog.text
+    weighted = build_objective("prior:2")
+    assert isinstance(weighted, Composite)
+    assert float(weighted(textured(), textured())) == pytest.approx(2 * float(Prior()(textured(), textured())))
+
+
+def test_register_objective():
+    class Constant(Objective):
+        name = "constant"
+
+        def __init__(self, value: float = 1.0):
+            super().__init__()
+            self.value = value
+
+        def forward(self, output, hazy):
+            loss = output.sum() * 0 + self.value
+            self._record(constant=loss)
+            return loss
+
+    register_objective("constant", Constant, overwrite=True)
+    assert "constant" in list_objectives()
+    obj = build_objective("constant:2+prior", value=3.0)
+    x = textured()
+    assert float(obj(x, x)) == pytest.approx(6.0 + float(Prior()(x, x)), rel=1e-5)
+    with pytest.raises(ValueError):
+        register_objective("constant", Constant)
+    with pytest.raises(ValueError):
+        register_objective("a+b", Constant)
+
+
+def test_prior_on_uint8_like_real_image_shape():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.random((1, 3, 50, 70), dtype=np.float32))
+    assert torch.isfinite(Prior()(image, image))
