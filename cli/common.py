@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bilalora.errors import UserError
 
@@ -50,20 +48,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    """A rich progress bar with a description, count, elapsed time and ETA."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        transient=transient,
-        disable=not sys.stdout.isatty() and False,
-    )
+def progress_bar(transient: bool = False):
+    """The library's progress-bar layout on the CLI console."""
+    from bilalora.progress import make_progress
+
+    return make_progress(console, transient=transient)
 
 
 def backbone_from_flags(backbone: str, weights: str | None):

@@ -68,15 +68,6 @@ def make_adapter_run(run_dir: Path, seed: int = 0, weights_in_summary: bool = Tr
     return base, run_dir / "adapter.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """One torch (and so onnxruntime) thread: on a shared 2-core machine two spinning threads run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_and_adapter():
     return make_adapter()

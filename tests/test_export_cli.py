@@ -23,14 +23,6 @@ from test_export import make_adapter_run  # tests/ is on sys.path under pytest
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _invoke(*args: str):
     return runner.invoke(app, ["export", *args], terminal_width=250)
 

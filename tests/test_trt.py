@@ -38,14 +38,6 @@ from bilalora.errors import UserError
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------- profiles
 
 
