@@ -21,7 +21,7 @@ tree (same state-dict keys and shapes as the base model).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,6 @@ import sys
 
 import onnx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from bilalora import backbones
