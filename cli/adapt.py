@@ -19,7 +19,9 @@ def adapt_command(
     images: Path = typer.Option(..., "--images", "-i", help="Folder of unlabeled hazy images of the target domain."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/adapt/<name>)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name under runs/adapt/ (default exp, exp2, ...)."),
-    backbone: str = typer.Option("dea-net", "--backbone", "-b", help="Registry name or package.module:factory."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", "-b", help="Registry name or package.module:factory (default: the shipped DEA-Net)."
+    ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights (default: shipped weights)."),
     objective: str = typer.Option("h2c", "--objective", help="h2c | prior | h2c+prior | weighted: h2c:1+prior:0.5"),
     clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (default ViT-B-32-quickgelu)."),
@@ -67,6 +69,8 @@ def adapt_command(
 
     device = resolve_device(device)
     torch.manual_seed(seed)
+    if backbone is None:
+        backbone = backbones.default_backbone()
     if weights is None and backbones.shipped_weights(backbone) is None and ":" not in backbone:
         raise UserError(
             f"backbone '{backbone}' has no shipped weights in this installation; pass --weights FILE "

@@ -12,7 +12,9 @@ from .common import backbone_from_flags, console, user_errors
 
 @user_errors
 def sites_command(
-    backbone: str = typer.Option("dea-net", "--backbone", "-b", help="Registry name or package.module:factory."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", "-b", help="Registry name or package.module:factory (default: the shipped DEA-Net)."
+    ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Weights file (.pth/.safetensors)."),
     rank: int = typer.Option(8, "--rank", "-r", min=1, help="LoRA rank for the parameter counts."),
     all_sites: bool = typer.Option(False, "--all", help="List every site, not only the default search space."),
@@ -24,6 +26,9 @@ def sites_command(
 
     from .parsing import parse_hw
 
+    from bilalora.backbones import default_backbone
+
+    backbone = backbone or default_backbone()
     model = backbone_from_flags(backbone, weights)
     listed = site_lib.discover(model) if all_sites else site_lib.default_sites(model)
     scope = "all sites" if all_sites else "default search space"

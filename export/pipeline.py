@@ -250,8 +250,11 @@ def resolve_source(options: ExportOptions) -> Source:
     if backbone is None and path is not None:
         backbone = _adapter_backbone(path)
     if backbone is None:
-        backbone = "dea-net"
-        picked.append("backbone: dea-net (default; --backbone NAME picks another)")
+        from bilalora.backbones import default_backbone
+
+        backbone = default_backbone()
+        picked.append(f"backbone: {backbone} (default: the registered DEA-Net with shipped weights; "
+                      "--backbone NAME picks another)")
     elif options.backbone is None:
         origin = f"{run}/summary.json" if summary.get("backbone") else "the adapter file"
         picked.append(f"backbone: {backbone} (from {origin})")

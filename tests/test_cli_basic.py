@@ -31,7 +31,7 @@ def test_sites_default_and_all():
 
 
 def test_sites_width32_counts():
-    result = runner.invoke(app, ["sites"], terminal_width=200)
+    result = runner.invoke(app, ["sites", "--backbone", "dea-net"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "3,653,377 parameters" in result.output
     assert "405,504" in result.output  # rank-8 LoRA over the 16 default sites

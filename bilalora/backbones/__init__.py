@@ -28,8 +28,12 @@ __all__ = [
     "create",
     "load",
     "shipped_weights",
+    "default_backbone",
     "WEIGHTS_DIR",
 ]
+
+#: Backbones tried, in order, when the user names none: the first with shipped weights wins.
+DEFAULT_ORDER = ("dea-net", "dea-net-s")
 
 #: Folder of weights shipped inside the package.
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -100,6 +104,15 @@ def shipped_weights(name: str) -> Optional[Path]:
     folder = Path(os.environ.get("BILALORA_WEIGHTS_DIR", WEIGHTS_DIR))
     path = folder / spec.weights_file
     return path if path.is_file() else None
+
+
+def default_backbone() -> str:
+    """The backbone used when none is named: the first of :data:`DEFAULT_ORDER` with shipped
+    weights (``dea-net`` when none has them, so that the error names the usual model)."""
+    for name in DEFAULT_ORDER:
+        if shipped_weights(name) is not None:
+            return name
+    return DEFAULT_ORDER[0]
 
 
 def create(name: str, **kwargs):
