@@ -9,6 +9,7 @@ import typer
 from .adapt import adapt_command
 from .export import export_command
 from .info import info_command
+from .pretrain import pretrain_command
 from .sites import sites_command
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.command("adapt")(adapt_command)
 app.command("export")(export_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
+app.command("pretrain")(pretrain_command)
 
 
 def main() -> None:

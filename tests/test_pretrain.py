@@ -1,0 +1,256 @@
+"""Pretraining: pair matching, metrics, schedule, the `bilalora pretrain` command and resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from bilalora.cli.app import app
+from typer.testing import CliRunner
+
+from bilalora import backbones
+from bilalora.adapter import fingerprint
+from bilalora.errors import UserError
+from bilalora.pairs import PairedFolder, match_pairs
+from bilalora.pretrain import PretrainConfig, cosine_lr, psnr, ssim
+
+runner = CliRunner()
+
+
+def _clear_image(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """uint8 (size, size, 3) BGR: smooth colour blobs plus stripes."""
+    base = cv2.resize(rng.uniform(0, 255, (4, 4, 3)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    stripes = 40 * np.sin(np.arange(size) / rng.uniform(2, 5))[None, :, None]
+    return np.clip(base + stripes, 0, 255).astype(np.uint8)
+
+
+def _hazy(clear: np.ndarray, t: float = 0.55, airlight: float = 215.0) -> np.ndarray:
+    return np.clip(clear.astype(np.float32) * t + airlight * (1 - t), 0, 255).round().astype(np.uint8)
+
+
+def make_pairs(root: Path, count: int = 8, size: int = 64, seed: int = 0, reside: bool = False) -> Path:
+    """Write ``count`` clear/hazy pairs (hazy = 0.55 J + 0.45 * 215) under root/hazy, root/clear."""
+    rng = np.random.default_rng(seed)
+    (root / "hazy").mkdir(parents=True)
+    (root / "clear").mkdir(parents=True)
+    for index in range(count):
+        clear = _clear_image(rng, size)
+        if reside:
+            cv2.imwrite(str(root / "clear" / f"{1400 + index}.png"), clear)
+            cv2.imwrite(str(root / "hazy" / f"{1400 + index}_1_0.8.png"), _hazy(clear))
+        else:
+            cv2.imwrite(str(root / "clear" / f"p{index}.png"), clear)
+            cv2.imwrite(str(root / "hazy" / f"p{index}.png"), _hazy(clear))
+    return root
+
+
+def make_clear(root: Path, count: int = 4, size: int = 72, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for index in range(count):
+        cv2.imwrite(str(root / f"c{index}.png"), _clear_image(rng, size))
+    return root
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def test_match_same_stem_and_reside_fallback(tmp_path):
+    root = tmp_path / "mixed"
+    (root / "hazy").mkdir(parents=True)
+    (root / "clear").mkdir()
+    image = np.zeros((8, 8, 3), np.uint8)
+    for name in ("a.png", "1400.png", "1401.png"):
+        cv2.imwrite(str(root / "clear" / name), image)
+    for name in ("a.png", "1400_1.png", "1400_2_0.85.png", "1401_10.png", "orphan.png"):
+        cv2.imwrite(str(root / "hazy" / name), image)
+    pairs, unmatched = match_pairs(root)
+    found = {p.hazy.name: (p.clear.name, p.rule) for p in pairs}
+    assert found["a.png"] == ("a.png", "same-stem")
+    assert found["1400_1.png"] == ("1400.png", "reside-last")
+    assert found["1400_2_0.85.png"] == ("1400.png", "reside-first")
+    assert found["1401_10.png"] == ("1401.png", "reside-last")
+    assert [p.name for p in unmatched] == ["orphan.png"]
+
+
+def test_same_stem_wins_over_reside(tmp_path):
+    root = tmp_path / "shared_style"
+    (root / "hazy").mkdir(parents=True)
+    (root / "clear").mkdir()
+    image = np.zeros((8, 8, 3), np.uint8)
+    for name in ("sots_in_1445_1.png", "sots_in_1445.png"):
+        cv2.imwrite(str(root / "clear" / name), image)
+    cv2.imwrite(str(root / "hazy" / "sots_in_1445_1.png"), image)
+    pairs, _ = match_pairs(root)
+    assert pairs[0].clear.name == "sots_in_1445_1.png" and pairs[0].rule == "same-stem"
+
+
+def test_pair_errors_name_folder_and_rule(tmp_path):
+    with pytest.raises(UserError, match=r"missing subfolder clear/"):
+        (tmp_path / "only_hazy" / "hazy").mkdir(parents=True)
+        match_pairs(tmp_path / "only_hazy")
+    root = tmp_path / "nomatch"
+    (root / "hazy").mkdir(parents=True)
+    (root / "clear").mkdir()
+    cv2.imwrite(str(root / "hazy" / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(root / "clear" / "y.png"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(UserError) as info:
+        match_pairs(root)
+    assert "no hazy image" in str(info.value) and "identical file stem" in str(info.value)
+    assert str(root / "hazy") in str(info.value)
+
+
+def test_paired_samples_stay_aligned(tmp_path):
+    folder = PairedFolder(make_pairs(tmp_path / "pairs", count=3))
+    assert len(folder) == 3 and folder.summary()["matched_by"] == {"same-stem": 3}
+    for seed in range(6):
+        hazy, clear = folder.sample(seed % 3, 40, np.random.default_rng(seed))
+        assert hazy.shape == clear.shape == (40, 40, 3)
+        # the same crop, rotation and flip: the haze relation holds pixel by pixel
+        np.testing.assert_allclose(hazy, clear * 0.55 + (215 / 255) * 0.45, atol=2.5 / 255)
+
+
+# --------------------------------------------------------------------------- metrics, schedule
+
+
+def test_psnr_ssim():
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.all(psnr(x, x) > 90)
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-4)
+    noisy = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    assert 15 < float(psnr(noisy, x).mean()) < 25
+    assert float(ssim(noisy, x).mean()) < 0.95
+    assert float(psnr(torch.full_like(x, 0.5), torch.full_like(x, 0.6))[0]) == pytest.approx(20.0, abs=1e-3)
+
+
+def test_cosine_schedule_endpoints():
+    config = PretrainConfig(steps=100, lr=1e-4, lr_min=1e-6)
+    assert cosine_lr(config, 0) == pytest.approx(1e-4)
+    assert cosine_lr(config, 50) == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    assert cosine_lr(config, 100) == pytest.approx(1e-6)
+    assert all(cosine_lr(config, s) >= cosine_lr(config, s + 1) for s in range(100))
+    assert not math.isnan(cosine_lr(config, 1000))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _args(tmp_path: Path, out: Path, work: Path, *extra: str) -> list[str]:
+    return [
+        "pretrain",
+        "--pairs", str(tmp_path / "pairs"),
+        "--clear", str(tmp_path / "clear"), "--synthesize",
+        "--val", str(tmp_path / "val"),
+        "--out", str(out),
+        "--work-dir", str(work),
+        "--backbone", "dea-net-t",
+        "--steps", "4", "--batch", "2", "--crop", "32",
+        "--val-every", "2", "--device", "cpu", "--workers", "1", "--threads", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    make_pairs(tmp_path / "pairs", count=8)
+    make_pairs(tmp_path / "val", count=2, seed=5)
+    make_clear(tmp_path / "clear")
+    return tmp_path
+
+
+def test_cli_pretrain_writes_card_and_resumes_exactly(tiny_data):
+    tmp_path = tiny_data
+    straight = tmp_path / "straight" / "w.safetensors"
+    result = runner.invoke(app, _args(tmp_path, straight, tmp_path / "work_a"))
+    assert result.exit_code == 0, result.output
+    assert "finished at step 4/4" in result.output
+
+    card = json.loads(straight.with_suffix(".json").read_text())
+    model = backbones.load("dea-net-t", weights=straight)
+    assert card["fingerprint"] == fingerprint(model)
+    assert card["backbone"] == "dea-net-t" and card["steps_done"] == 4 and card["width"] == 8
+    assert card["data"]["pairs"]["n_pairs"] == 8 and card["data"]["synthesized_from"]["n_images"] == 4
+    assert card["validation"]["best"]["n"] == 2
+    assert [h["step"] for h in card["validation"]["history"]] == [2, 4]
+    assert not any("conv1_1" in key for key in model.state_dict())  # plain, re-parameterised
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+    # interrupted after the first step (time limit), then resumed: same weights as straight through
+    resumed = tmp_path / "resumed" / "w.safetensors"
+    work = tmp_path / "work_b"
+    first = runner.invoke(app, _args(tmp_path, resumed, work, "--time-limit", "1e-9"))
+    assert first.exit_code == 0, first.output
+    assert "stopped (time limit)" in first.output and (work / "last.pt").is_file()
+    assert json.loads(resumed.with_suffix(".json").read_text())["steps_done"] == 1
+    second = runner.invoke(app, _args(tmp_path, resumed, work, "--resume"))
+    assert second.exit_code == 0, second.output
+    assert "resumed from" in second.output and "finished at step 4/4" in second.output
+    a = backbones.load("dea-net-t", weights=straight).state_dict()
+    b = backbones.load("dea-net-t", weights=resumed).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_cli_pretrain_synthesize_only(tmp_path):
+    make_clear(tmp_path / "clear")
+    out = tmp_path / "synth.safetensors"
+    result = runner.invoke(
+        app,
+        ["pretrain", "--clear", str(tmp_path / "clear"), "--synthesize", "--out", str(out), "--backbone", "dea-net-t",
+         "--steps", "2", "--batch", "2", "--crop", "32", "--work-dir", str(tmp_path / "w"), "--dtype", "fp32",
+         "--light-checkpoints", "--device", "cpu", "--threads", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["selected"].startswith("last") and card["data"]["synth_ratio"] == 1.0
+    assert card["dtype"] == "fp32" and card["data"]["pairs"] is None
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--clear", "{tmp}"], "--clear needs --synthesize"),
+        (["--synthesize"], "--synthesize needs --clear"),
+        ([], "no training data"),
+        (["--pairs", "{tmp}/nowhere"], "does not exist"),
+        (["--pairs", "{tmp}"], "missing subfolder hazy/"),
+    ],
+)
+def test_cli_pretrain_one_line_errors(tmp_path, extra, message):
+    args = ["pretrain", "--out", str(tmp_path / "o.safetensors")] + [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_without_checkpoint_is_a_user_error(tiny_data):
+    result = runner.invoke(app, _args(tiny_data, tiny_data / "x.safetensors", tiny_data / "empty_work", "--resume"))
+    assert result.exit_code == 2 and "no checkpoint" in result.output
+
+
+# --------------------------------------------------------------------------- shipped weights
+
+#: The registry name whose weights bilalora/weights ships (see bilalora/weights/MODEL_CARD.md).
+SHIPPED_BACKBONE = "dea-net-s"
+
+
+def test_shipped_weights_match_their_card_and_run(monkeypatch):
+    monkeypatch.delenv("BILALORA_WEIGHTS_DIR", raising=False)
+    path = backbones.shipped_weights(SHIPPED_BACKBONE)
+    assert path is not None, f"bilalora/weights has no weights for {SHIPPED_BACKBONE}"
+    assert path.stat().st_size <= 16 * 2**20
+    card = json.loads(path.with_suffix(".json").read_text())
+    model = backbones.load(SHIPPED_BACKBONE)  # no weights argument: the shipped file
+    assert model.bilalora_info["weights"] == str(path)
+    assert card["backbone"] == SHIPPED_BACKBONE and card["weights_file"] == path.name
+    assert fingerprint(model) == card["fingerprint"]
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
