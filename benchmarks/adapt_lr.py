@@ -79,6 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-side", type=int, default=384)
     parser.add_argument("--sheet-images", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
     backbone = args.backbone or backbones.default_backbone()
     lrs = [float(x) for x in args.lrs.split(",")]
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
     print(f"hazy: FADE {record['hazy']['fade']:.3f}; base: FADE {record['base']['fade']:.3f}, colourfulness "
           f"{record['base']['colourfulness']:.1f}, brightness {record['base']['brightness']:.3f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"adapt_lr_{args.objective.replace('+', '_').replace(':', '')}"
+    name = f"adapt_lr_{args.objective.replace('+', '_').replace(':', '')}{args.tag}"
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     height = 160
     rows = []
