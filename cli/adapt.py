@@ -11,7 +11,7 @@ import typer
 from .common import console, resolve_device, user_errors
 from .parsing import parse_list
 
-_DEFAULTS_NOTE = "defaults follow METHOD.md (release values) except --lr, chosen by measurement"
+_DEFAULTS_NOTE = "defaults follow METHOD.md (release values) except --lr and --gate-lr, chosen by measurement"
 
 
 @user_errors
@@ -43,8 +43,8 @@ def adapt_command(
     search_epochs: int = typer.Option(5, "--search-epochs", help="Epochs of stage A (bilevel/joint)."),
     batch: int = typer.Option(24, "--batch", help="Batch size."),
     crop: int = typer.Option(224, "--crop", help="Training crop side (multiple of 4)."),
-    lr: float = typer.Option(1e-4, "--lr", help="LoRA learning rate, Adam (the release used 1e-6)."),
-    gate_lr: float = typer.Option(3e-4, "--gate-lr", help="Gate learning rate, AdamW."),
+    lr: float = typer.Option(1e-3, "--lr", help="LoRA learning rate, Adam (the release: 1e-6)."),
+    gate_lr: float = typer.Option(3e-3, "--gate-lr", help="Gate learning rate, AdamW (the release: 3e-4)."),
     clip_norm: float = typer.Option(5.0, "--clip-norm", help="Gradient-norm clip of the LoRA step."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA) | fp32 | bf16"),
