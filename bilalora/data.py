@@ -251,7 +251,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Shrink ``image`` (H, W, 3) so that max(H, W) <= max_side (cv2 INTER_AREA)."""
+    """Shrink ``image`` (H, W, 3) so that max(H, W) <= max_side (cv2 INTER_AREA), clipped to [0, 1]
+    (area averaging in float32 can land a hair above 1)."""
     height, width = image.shape[:2]
     if max_side is None or max(height, width) <= max_side:
         return image
@@ -259,7 +260,8 @@ def _downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.ascontiguousarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA), dtype=np.float32)
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(np.clip(resized, 0.0, 1.0), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- folder
