@@ -152,5 +152,13 @@ def export_command(
         f"Results saved to [bold]{escape(str(result.out_dir))}[/]; record: {escape(str(result.sidecar))}",
         soft_wrap=True,
     )
-    for index, command in enumerate(result.next_commands):
+    for index, command in enumerate(_available(result.next_commands)):
         console.print(Text(("Next:     " if index == 0 else "          ") + command), soft_wrap=True)
+
+
+def _available(commands: list[str]) -> list[str]:
+    """Keep the suggested commands whose subcommand this installation has (bench and run come later)."""
+    from .app import app
+
+    names = {info.name for info in app.registered_commands}
+    return [command for command in commands if command.split()[1] in names]
