@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scenes import textured_scene  # tests/ is on sys.path under pytest
 
 from bilalora.baselines import DCP, dcp_estimate, dehaze_dcp, guided_filter
 from bilalora.baselines.dcp import dark_channel
@@ -14,17 +15,8 @@ T_TRUE = 0.5
 
 
 def _clear_scene(h: int = 128, w: int = 160, seed: int = 0) -> np.ndarray:
-    """Colourful textured float32 scene in [0, 1] (one channel low almost everywhere, so the
-    dark channel prior holds) with a grey "sky" band equal to the airlight at the top."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    hue = (xx / 23.0 + yy / 31.0 + 0.3 * np.sin(xx / 7.0) * np.cos(yy / 5.0)) % 1.0
-    val = 0.55 + 0.4 * np.sin(xx / 3.0 + yy / 4.0) ** 2
-    channels = []
-    for offset in (0.0, 1.0 / 3.0, 2.0 / 3.0):
-        d = np.abs(((hue + offset) % 1.0) - 0.5) * 2.0
-        channels.append(np.clip(1.5 - 6.0 * np.abs(d - 0.5), 0.0, 1.0))
-    img = np.stack(channels, axis=-1) * val[..., None] + 0.03 * rng.random((h, w, 3))
+    """Textured float32 scene in [0, 1] with a grey "sky" band equal to the airlight at the top."""
+    img = textured_scene(h, w, seed, noise=0.03)
     img[: h // 5] = A_TRUE
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 

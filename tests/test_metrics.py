@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scenes import textured_scene  # tests/ is on sys.path under pytest
 
 from bilalora.errors import UserError
 from bilalora.metrics import (
@@ -64,16 +65,7 @@ def _load_rgb(path: Path) -> np.ndarray:
 
 def _clear_scene(h: int = 96, w: int = 128, seed: int = 0) -> np.ndarray:
     """A colourful textured fog-free float image in [0, 1] (dark channel close to 0)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    hue = (xx / 23.0 + yy / 31.0 + 0.3 * np.sin(xx / 7.0) * np.cos(yy / 5.0)) % 1.0
-    val = 0.55 + 0.4 * np.sin(xx / 3.0 + yy / 4.0) ** 2
-    channels = []
-    for offset in (0.0, 1.0 / 3.0, 2.0 / 3.0):
-        d = np.abs(((hue + offset) % 1.0) - 0.5) * 2.0
-        channels.append(np.clip(1.5 - 6.0 * np.abs(d - 0.5), 0.0, 1.0))
-    img = np.stack(channels, axis=-1) * val[..., None] + 0.05 * rng.random((h, w, 3))
-    return np.clip(img, 0.0, 1.0)
+    return textured_scene(h, w, seed, noise=0.05)
 
 
 def _to_u8(img01: np.ndarray) -> np.ndarray:
