@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata as metadata
 import platform
 
+from rich.markup import escape
 from rich.table import Table
 
 from .common import console, user_errors
@@ -50,9 +51,10 @@ def info_command() -> None:
         trt = importlib.import_module("tensorrt")
         table.add_row("tensorrt", str(getattr(trt, "__version__", "?")))
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        table.add_row("tensorrt", "[yellow]not installed[/] (pip install 'bilalora[trt]' on a CUDA machine)")
+        table.add_row("tensorrt", "[yellow]not installed[/] " + escape("(pip install 'bilalora[trt]' on a CUDA machine)"))
     for spec in backbones.list_backbones():
         shipped = backbones.shipped_weights(spec.name)
         if spec.weights_file:
             table.add_row(f"weights {spec.name}", str(shipped) if shipped else "[yellow]not shipped[/]")
+    table.add_row("default backbone", backbones.default_backbone())
     console.print(table)

@@ -94,8 +94,10 @@ def test_missing_weights_is_one_line(tmp_path):
 def test_info():
     result = runner.invoke(app, ["info"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for word in ("torch", "onnxruntime", "tensorrt", "CUDA"):
+    for word in ("torch", "onnxruntime", "tensorrt", "CUDA", "default backbone"):
         assert word in result.output
+    if "not installed (pip" in result.output:
+        assert "bilalora[trt]" in result.output
 
 
 def test_console_script_help():
