@@ -29,6 +29,7 @@ from bilalora.adapt import AdaptConfig, adapt
 from bilalora.adapter import Adapter
 from bilalora.data import load_image
 from bilalora.metrics import colourfulness, fade, mean_brightness
+from bilalora.metrics.fade import to_uint8_rgb
 from bilalora.objectives import build_objective
 from bilalora.padding import crop_to, pad_to_multiple
 
@@ -50,12 +51,8 @@ def _dehaze(model, image: np.ndarray) -> np.ndarray:
     return crop_to(model(padded), size)[0].clamp(0, 1).numpy().transpose(1, 2, 0)
 
 
-def _u8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.floor(image * 255 + 0.5), 0, 255).astype(np.uint8)
-
-
 def _scores(images: list[np.ndarray]) -> dict:
-    u8 = [_u8(im) for im in images]
+    u8 = [to_uint8_rgb(im) for im in images]
     return {
         "fade": float(np.nanmean([fade(im) for im in u8])),
         "colourfulness": float(np.mean([colourfulness(im) for im in u8])),
@@ -133,7 +130,7 @@ def main(argv=None) -> dict:
     height = 160
     rows = []
     for row in sheet_rows:
-        tiles = [cv2.resize(_u8(im), (round(im.shape[1] * height / im.shape[0]), height)) for im in row]
+        tiles = [cv2.resize(to_uint8_rgb(im), (round(im.shape[1] * height / im.shape[0]), height)) for im in row]
         rows.append(np.concatenate(tiles, axis=1))
     width = max(r.shape[1] for r in rows)
     sheet = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)

@@ -21,7 +21,15 @@ import torch
 
 from bilalora import backbones, lora, sites
 from bilalora.objectives import build_objective
-from bilalora.search import OptimConfig, bilevel_step, joint_step, make_gate_optimizer, make_lora_optimizer, train_step
+from bilalora.search import (
+    OptimConfig,
+    bilevel_step,
+    joint_step,
+    make_gate_optimizer,
+    make_lora_optimizer,
+    rank_sites,
+    train_step,
+)
 
 
 def _device_name(device: str) -> str:
@@ -95,16 +103,7 @@ def main(argv=None) -> dict:
         device)
     peak_search = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     # stage B: keep top-k
-    ranking = sorted(lora.gate_values(model).items(), key=lambda item: -item[1])[: args.top_k]
-    state = lora.lora_state_dict(model)
-    lora.strip(model)
-    by_name = {s.name: s for s in sites.discover(model)}
-    lora.inject(model, [by_name[n] for n, _ in ranking], rank=8, lora_alpha=16)
-    layers = lora.lora_layers(model)
-    lora.load_lora_state_dict(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in layers})
-    lora.freeze_base(model)
-    for gate in lora.gate_parameters(model):
-        gate.requires_grad_(False)
+    lora.keep_sites(model, [name for name, _ in rank_sites(model)[: args.top_k]])
     ft_opt = make_lora_optimizer(lora.lora_parameters(model), config)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

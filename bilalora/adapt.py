@@ -32,12 +32,21 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from . import lora, sites as site_lib
+from . import lora
+from . import sites as site_lib
 from .adapter import Adapter, fingerprint
 from .data import CropBatches, ImageFolder, split_half, val_batches
 from .errors import UserError
 from .io import append_jsonl, atomic_path, read_json, write_json
-from .search import OptimConfig, bilevel_step, joint_step, make_gate_optimizer, make_lora_optimizer, rank_sites, train_step
+from .search import (
+    OptimConfig,
+    bilevel_step,
+    joint_step,
+    make_gate_optimizer,
+    make_lora_optimizer,
+    rank_sites,
+    train_step,
+)
 
 __all__ = ["AdaptConfig", "AdaptResult", "adapt", "METHODS", "ADAPTER_FILE", "FULL_FILE"]
 
@@ -227,24 +236,11 @@ class _Run:
         else:  # stage B of bilevel/joint: keep the top-k sites' stage-A LoRA, gates fixed
             self.ranking = rank_sites(model)
             self.selected = [name for name, _ in self.ranking[: config.top_k]]
-            self.keep_sites(self.selected)
+            lora.keep_sites(model, self.selected)
             self.lora_optimizer = make_lora_optimizer(lora.lora_parameters(model), config.optim)
             self.gate_optimizer = None
         self.model.to(self.device)
         self.trainable[stage] = lora.count_parameters(model, trainable_only=True)
-
-    def keep_sites(self, names: list[str]) -> None:
-        """Rebuild LoRA on ``names`` only, from the current factors, with gates fixed."""
-        model = self.model
-        state = lora.lora_state_dict(model)
-        gates = {name: value for name, value in lora.gate_values(model).items() if name in names}
-        lora.strip(model)
-        by_name = {site.name: site for site in site_lib.discover(model)}
-        lora.inject(model, [by_name[n] for n in names], self.config.rank, self.config.lora_alpha)
-        layers = lora.lora_layers(model)
-        lora.load_lora_state_dict(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in layers})
-        lora.set_gate_values(model, gates, trainable=False)
-        lora.freeze_base(model)
 
     # ---------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -288,8 +284,8 @@ class _Run:
         elif stage == "search" or self.config.method == "manual":
             self.build_stage(stage)
         else:
-            by_name = {site.name: site for site in site_lib.discover(self.model)}
-            lora.inject(self.model, [by_name[n] for n in self.selected], self.config.rank, self.config.lora_alpha)
+            lora.inject(self.model, site_lib.by_name(self.model, self.selected), self.config.rank,
+                        self.config.lora_alpha)
             lora.freeze_base(self.model)
             self.lora_optimizer = make_lora_optimizer(lora.lora_parameters(self.model), self.config.optim)
             self.model.to(self.device)

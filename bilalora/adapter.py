@@ -26,7 +26,7 @@ from torch import nn
 from . import lora
 from .errors import UserError
 from .io import atomic_path
-from .sites import Site, discover
+from .sites import Site, by_name
 
 __all__ = ["Adapter", "fingerprint", "FORMAT_VERSION"]
 
@@ -177,11 +177,7 @@ class Adapter:
 
     def site_objects(self, model: nn.Module) -> list[Site]:
         """The :class:`Site` objects of the adapter's sites in ``model`` (LoRA-free model)."""
-        by_name = {site.name: site for site in discover(model)}
-        missing = [name for name in self.sites if name not in by_name]
-        if missing:
-            raise UserError(f"adapter sites {', '.join(missing)} do not exist in backbone {self.backbone}")
-        return [by_name[name] for name in self.sites]
+        return by_name(model, list(self.sites), where=f"backbone {self.backbone} (adapter sites)")
 
     def apply(self, model: nn.Module, trainable: bool = False, check: bool = True) -> nn.Module:
         """Inject the adapter's LoRA (with its gates fixed) into ``model`` in place."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sites import Site
+from .sites import Site, by_name
 
 __all__ = [
     "SiteGate",
@@ -45,6 +45,7 @@ __all__ = [
     "set_gate_values",
     "merge",
     "strip",
+    "keep_sites",
     "base_state_dict",
     "count_parameters",
     "GATE_ATTR",
@@ -284,6 +285,21 @@ def strip(model: nn.Module) -> nn.Module:
             del module.__dict__[_GATE_HANDLE]
             del module._parameters[GATE_ATTR]
     return model
+
+
+def keep_sites(model: nn.Module, names: list[str]) -> nn.Module:
+    """Keep LoRA on the sites ``names`` only, in place: their factors and gate values stay,
+    the gates become fixed, every other site returns to its base layers (stage B's start)."""
+    layers = lora_layers(model)
+    first = next(iter(layers.values()))
+    state = lora_state_dict(model)
+    gates = {name: value for name, value in gate_values(model).items() if name in names}
+    strip(model)
+    inject(model, by_name(model, names), first.rank, first.lora_alpha)
+    kept = lora_layers(model)
+    load_lora_state_dict(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in kept})
+    set_gate_values(model, gates, trainable=False)
+    return freeze_base(model)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["Site", "discover", "default_sites", "select", "lora_param_count", "LORA_TYPES"]
+__all__ = ["Site", "discover", "default_sites", "select", "by_name", "lora_param_count", "LORA_TYPES"]
 
 #: Layer types that can carry LoRA.
 LORA_TYPES = (nn.Conv2d, nn.Linear)
@@ -116,6 +116,15 @@ def select(
     if exclude:
         sites = [s for s in sites if not any(fnmatch.fnmatchcase(s.name, p) for p in exclude)]
     return sites
+
+
+def by_name(model: nn.Module, names: Sequence[str], where: str = "the model") -> list[Site]:
+    """The sites called ``names`` (exact names, in that order); a UserError names the missing ones."""
+    sites = {site.name: site for site in discover(model)}
+    missing = [name for name in names if name not in sites]
+    if missing:
+        raise UserError(f"sites {', '.join(missing)} do not exist in {where}")
+    return [sites[name] for name in names]
 
 
 def _is_lora_layer(module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from ..errors import UserError
-from ..metrics.haze import atmospheric_light
+from ..metrics.haze import atmospheric_light, min_filter
 
 __all__ = ["DCP", "DCPResult", "dark_channel", "dcp_estimate", "dehaze_dcp", "guided_filter"]
 
@@ -52,12 +52,7 @@ def dark_channel(image: np.ndarray, patch: int = 15) -> np.ndarray:
     if int(patch) != patch or patch < 1:
         raise UserError(f"DCP: patch must be a positive integer, got {patch!r}")
     img = np.asarray(image, dtype=np.float32)
-    mins = np.ascontiguousarray(img.min(axis=2))
-    k = int(min(patch, 2 * max(mins.shape) - 1))
-    if k <= 1:
-        return mins
-    kernel = np.ones((k, k), dtype=np.uint8)
-    return cv2.erode(mins, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=float(np.inf))
+    return min_filter(img.min(axis=2), int(patch)).astype(np.float32)
 
 
 def _box_mean(x: np.ndarray, r: int, count: np.ndarray) -> np.ndarray:

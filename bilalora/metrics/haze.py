@@ -18,7 +18,6 @@ None of these has a standard; the docstrings state the choices made.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import UserError
 from .fade import matlab_gray, to_uint8_rgb
@@ -48,17 +47,17 @@ def min_filter(a: np.ndarray, window: int) -> np.ndarray:
     minimum); the window may exceed the image. For an even window the extra
     sample lies below/right of the centre.
     """
+    import cv2
+
     window = _check_window(window)
+    out = np.array(a, dtype=np.float64)
+    window = min(window, 2 * max(out.shape) - 1)  # a larger window already covers the whole image
     if window == 1:
-        return np.array(a, dtype=np.float64)
-    lo, hi = (window - 1) // 2, window // 2
-    out = np.asarray(a, dtype=np.float64)
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (lo, hi)
-        padded = np.pad(out, pad, mode="edge")
-        out = sliding_window_view(padded, window, axis=axis).min(axis=-1)
-    return out
+        return out
+    lo = (window - 1) // 2
+    # erosion = minimum filter; an infinite constant border ignores outside pixels
+    kernel = np.ones((window, window), dtype=np.uint8)
+    return cv2.erode(out, kernel, anchor=(lo, lo), borderType=cv2.BORDER_CONSTANT, borderValue=float("inf"))
 
 
 def dark_channel(rgb01: np.ndarray, window: int = 15) -> np.ndarray:

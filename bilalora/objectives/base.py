@@ -13,6 +13,7 @@ hold (CLIP) can never leak into an optimiser through ``.parameters()``, and
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ def check_pair(name: str, output: torch.Tensor, hazy: torch.Tensor, same_size: b
         )
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class: ``objective(output, hazy) -> 0-d loss`` plus bookkeeping.
 
     Subclasses implement :meth:`forward` and :meth:`describe`, and move their
@@ -95,8 +96,9 @@ class Objective:
         """Score ``output`` (N, 3, H, W), any range) against ``hazy`` (N, 3, H, W) in [0, 1]; 0-d loss."""
         return self.forward(output, hazy)
 
-    def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch (subclasses define it)."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (name, prompts, CLIP model and source, term weights, mode)."""
