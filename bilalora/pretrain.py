@@ -4,8 +4,10 @@ Recipe (defaults): L1 loss; Adam, lr 1e-4 cosine-annealed to 1e-6; batch 16;
 random 256 crops with 90-degree rotations and flips; 10,000 steps. DEA-Net is
 trained in its DEConv form (``create(name, train_form=True)``) and the output
 file holds the re-parameterised plain network (safetensors) with a JSON card
-beside it. On CUDA the forward runs under bf16 autocast with channels-last
-tensors; on the CPU in fp32 unless ``precision="bf16"``.
+beside it. Tensors are channels-last by default (on a 2-core Xeon a width-16
+step of 8 crops of 128 took 0.77 s instead of 1.35 s). On CUDA the forward runs
+under bf16 autocast; on the CPU in fp32 unless ``precision="bf16"`` (0.57 s on
+a CPU with AMX).
 
 Training data is a mixture of matched pairs (:class:`bilalora.pairs.PairedFolder`)
 and clear photos with synthesised haze (:class:`bilalora.pairs.ClearFolder`).
@@ -130,7 +132,7 @@ class PretrainConfig:
         time_limit_min: stop after this many minutes of this session (0: none),
             writing the checkpoint and the output so that ``--resume`` continues.
         precision: "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16".
-        channels_last: use channels-last tensors (None: on CUDA only).
+        channels_last: use channels-last tensors (None: yes).
         val_crop: validate on centred squares of this side (0: whole images, padded to 4).
         val_max: validate on at most this many pairs (0: all).
         max_side: downsize training images whose longer side exceeds it (0: keep).
@@ -140,6 +142,9 @@ class PretrainConfig:
             (no Adam moments: about a quarter of the size; Adam restarts on resume).
         select: which weights go to ``out``: "best" (best validation PSNR; the last
             when there is no validation) or "last".
+        init: start from these weights instead of a random init: a weights file (plain or
+            training form) or the name of a backbone with shipped weights (e.g. "dea-net-s").
+            Ignored on ``--resume`` (the checkpoint holds the weights).
     """
 
     backbone: str = "dea-net"
@@ -164,6 +169,7 @@ class PretrainConfig:
     dtype: str = "fp16"
     light_checkpoints: bool = False
     select: str = "best"
+    init: str | None = None
 
     def check(self) -> None:
         """Raise a UserError naming the flag of the first invalid value."""
@@ -517,6 +523,32 @@ def _build_model(name: str) -> nn.Module:
         return backbones.create(name)  # a user factory without a training form
 
 
+def init_weights(model: nn.Module, init: str) -> str:
+    """Load starting weights into a (training-form) model; returns the file used.
+
+    Args:
+        model: the model being pretrained.
+        init: a weights file, or a registered backbone name whose shipped weights are used.
+            Plain DEA-Net weights are lifted into the training form exactly
+            (:func:`~bilalora.backbones.dea_net.lift_plain_state`).
+    """
+    from .backbones.checkpoint import load_into, read_state_dict
+    from .backbones.dea_net import DEANet, lift_plain_state
+
+    path = Path(init)
+    if not path.is_file():
+        shipped = backbones.shipped_weights(init)
+        if shipped is None:
+            raise UserError(f"--init {init}: no such weights file, nor a backbone with shipped weights")
+        path = shipped
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    if isinstance(model, DEANet) and model.train_form and not all(key in state for key in expected):
+        state = lift_plain_state(model, state)
+    load_into(model, state, source=f"--init {init}")
+    return str(path)
+
+
 ProgressFn = Callable[[int, int, dict], None]
 
 
@@ -565,9 +597,11 @@ def pretrain(
     mixture = TrainMixture(pairs, clear, config.synth_ratio, config.batch, config.crop, config.seed)
     torch.manual_seed(config.seed)
     model = _build_model(config.backbone)
+    if config.init is not None and not resume:
+        say(f"initialised from {init_weights(model, config.init)}")
     on_cuda = device.startswith("cuda")
     precision = ("bf16" if on_cuda else "fp32") if config.precision == "auto" else config.precision
-    channels_last = on_cuda if config.channels_last is None else config.channels_last
+    channels_last = True if config.channels_last is None else config.channels_last
     if on_cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bilalora import backbones
 from bilalora.adapter import fingerprint
+from bilalora.backbones.dea_net import DEANet, lift_plain_state, reparameterize
 from bilalora.errors import UserError
 from bilalora.pairs import PairedFolder, match_pairs
 from bilalora.pretrain import PretrainConfig, cosine_lr, psnr, ssim
@@ -228,6 +229,47 @@ def test_cli_pretrain_one_line_errors(tmp_path, extra, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_lifted_plain_weights_compute_the_same_function():
+    torch.manual_seed(0)
+    trained = DEANet(8, train_form=True).eval()
+    for parameter in trained.parameters():  # non-zero difference branches
+        parameter.data.normal_(0, 0.05)
+    plain = reparameterize(trained)
+    lifted = DEANet(8, train_form=True).eval()
+    lifted.load_state_dict(lift_plain_state(lifted, plain.state_dict()))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(lifted(x), plain(x), rtol=0, atol=1e-5)
+    assert not torch.equal(lifted.down_level1_block1.conv1.conv1_5.weight, trained.down_level1_block1.conv1.conv1_5.weight)
+    assert float(lifted.down_level1_block1.conv1.conv1_1.conv.weight.detach().abs().sum()) == 0.0
+
+
+def test_cli_pretrain_init_continues_from_weights(tiny_data):
+    tmp_path = tiny_data
+    first = tmp_path / "first" / "w.safetensors"
+    assert runner.invoke(app, _args(tmp_path, first, tmp_path / "work_a", "--dtype", "fp32")).exit_code == 0
+    start = backbones.load("dea-net-t", weights=first)
+
+    # zero steps of learning (lr-min = lr = tiny) from --init: the output equals the start
+    again = tmp_path / "again" / "w.safetensors"
+    result = runner.invoke(
+        app,
+        _args(tmp_path, again, tmp_path / "work_b", "--init", str(first), "--dtype", "fp32",
+              "--lr", "1e-12", "--lr-min", "1e-12", "--steps", "1"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "initialised from" in result.output
+    card = json.loads(again.with_suffix(".json").read_text())
+    assert card["training"]["init"] == str(first)
+    continued = backbones.load("dea-net-t", weights=again)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(continued(x), start(x), rtol=0, atol=1e-4)
+
+    missing = runner.invoke(app, _args(tmp_path, again, tmp_path / "work_c", "--init", str(tmp_path / "none.pt")))
+    assert missing.exit_code == 2 and "--init" in missing.output and "Traceback" not in missing.output
 
 
 def test_resume_without_checkpoint_is_a_user_error(tiny_data):

@@ -22,7 +22,7 @@ from torch import nn
 
 from .deconv import DEConv
 
-__all__ = ["DEANet", "DEBlock", "DEABlock", "CGAFusion", "reparameterize"]
+__all__ = ["DEANet", "DEBlock", "DEABlock", "CGAFusion", "reparameterize", "lift_plain_state"]
 
 
 def _conv3x3(channels_in: int, channels_out: int, stride: int = 1) -> nn.Conv2d:
@@ -222,3 +222,35 @@ def reparameterize(model: DEANet) -> DEANet:
             plain_state[f"{name}.bias"] = bias.detach().clone()
     plain.load_state_dict(plain_state)
     return plain.train(model.training)
+
+
+def lift_plain_state(model: DEANet, plain_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Training-form state dict computing the same function as a plain-network state dict.
+
+    Each plain ``conv1`` kernel goes to its DEConv's vanilla branch (``conv1_5``)
+    and the four difference branches start at zero, so the lifted model equals
+    the plain one exactly and training can grow the difference branches from there.
+
+    Args:
+        model: a training-form :class:`DEANet` (gives the target keys and shapes).
+        plain_state: state dict of the plain network of the same width.
+
+    Returns:
+        A state dict for ``model``; keys of ``plain_state`` that fit neither form are left
+        out so that :func:`~bilalora.backbones.checkpoint.load_into` reports them.
+    """
+    target = model.state_dict()
+    lifted: dict[str, torch.Tensor] = {}
+    deconv_names = {name for name, module in model.named_modules() if isinstance(module, DEConv)}
+    for key, value in plain_state.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in deconv_names and leaf in ("weight", "bias"):
+            lifted[f"{owner}.conv1_5.{leaf}"] = value
+        else:
+            lifted[key] = value
+    for owner in deconv_names:
+        for branch in ("conv1_1.conv", "conv1_2.conv", "conv1_3.conv", "conv1_4.conv"):
+            for leaf in ("weight", "bias"):
+                key = f"{owner}.{branch}.{leaf}"
+                lifted[key] = torch.zeros_like(target[key])
+    return lifted
