@@ -10,6 +10,7 @@ from .adapt import adapt_command
 from .export import export_command
 from .info import info_command
 from .pretrain import pretrain_command
+from .run import run_command
 from .sites import sites_command
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("export")(export_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
 app.command("pretrain")(pretrain_command)
+app.command("run")(run_command)
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ Schema (``format_version`` 1). Paths are relative to the folder holding
                  "fixed": null | [N, 3, H, W],
                  "min": [1, 3, 64, 64], "opt": [1, 3, 720, 1280], "max": [1, 3, 1080, 1920],
                  "multiple": 4},                  # min/opt/max: the engine profile (ONNX takes any
-                                                  # N and any H, W that are multiples of 4)
+                                                  # N and any H, W >= 16 that are multiples of 4)
       "opset": 17,                                # the opset actually written
       "exporter": "torchscript" | "dynamo",
       "onnxslim": "onnxslim 0.1.98" | "not installed" | "skipped: ..." | "failed: ...",
