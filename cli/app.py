@@ -7,6 +7,7 @@ import os
 import typer
 
 from .adapt import adapt_command
+from .bench import bench_command
 from .export import export_command
 from .info import info_command
 from .pretrain import pretrain_command
@@ -27,6 +28,7 @@ app = typer.Typer(
 
 app.command("adapt")(adapt_command)
 app.command("export")(export_command)
+app.command("bench")(bench_command)
 app.command("sites")(sites_command)
 app.command("info")(info_command)
 app.command("pretrain")(pretrain_command)

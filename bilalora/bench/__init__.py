@@ -1,0 +1,40 @@
+"""``bilalora bench``: the adapted model against the unadapted one, in numbers.
+
+    from bilalora.bench import BenchOptions, run_bench
+    result = run_bench(BenchOptions())          # newest runs/adapt/<run>: base vs adapted
+    result.latency                              # rows: subject, backend, status, MB, params, GFLOPs, ms, FPS
+    result.quality                              # per subject: mean FADE, entropy, ... over the images
+    result.record_path                          # bench.json beside the report
+
+Building blocks: :mod:`.subjects` (what is compared), :mod:`.latency` (timing per
+backend), :mod:`.quality` (no-reference metrics over images), :mod:`.pipeline`.
+Names are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BenchOptions": "pipeline",
+    "BenchResult": "pipeline",
+    "BenchEvents": "pipeline",
+    "run_bench": "pipeline",
+    "Subject": "subjects",
+    "resolve_subjects": "subjects",
+    "Timing": "latency",
+    "time_callable": "latency",
+    "score_images": "quality",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bilalora.bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
