@@ -117,25 +117,25 @@ def _quality_tables(result) -> list[Table]:
 
 @user_errors
 def bench_command(
-    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", "-a", help="Adapter file(s) to compare (repeatable) [default: the newest runs/adapt/<run>]."),
+    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", "-a", help="Adapter file(s) to compare (repeatable) (default: the newest runs/adapt/<run>)."),
     model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="Export folder(s) (model.json) to benchmark as they are (repeatable)."),
     base: bool = typer.Option(True, "--base/--no-base", help="Include the unadapted base network."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Base network [default: the run's]."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights [default: the run's]."),
-    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Images to score [default: the run's validation half]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Base network (default: the run's)."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights (default: the run's)."),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Images to score (default: the run's validation half)."),
     max_images: int = typer.Option(0, "--max-images", help="Score at most this many images (0: all)."),
     max_side: int = typer.Option(1024, "--max-side", help="Downsize images to this longer side first (0: keep)."),
     metrics: str = typer.Option("fade,entropy,dcd,colourfulness,ag,brightness", "--metrics", help="Built-in metrics, comma-separated (empty: no quality)."),
     iqa: Optional[str] = typer.Option(None, "--iqa", help="pyiqa metrics, comma-separated (musiq, niqe, brisque, piqe, ...)."),
     dcp: bool = typer.Option(False, "--dcp", help="Score the dark channel prior baseline too."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnx, onnx-fp16, tensorrt [default: all]."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnx, onnx-fp16, tensorrt (default: all)."),
     size: str = typer.Option("512x512", "--size", help="Input HxW of the latency runs."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
     runs: int = typer.Option(20, "--runs", help="Timed runs per backend."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (PyTorch and the quality pass)."),
     providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime providers, comma-separated."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for PyTorch and onnxruntime (0: their defaults)."),
-    report: Optional[Path] = typer.Option(None, "--report", "-o", help="Output folder [default: <run>/bench]."),
+    report: Optional[Path] = typer.Option(None, "--report", "-o", help="Output folder (default: <run>/bench)."),
     sheet: int = typer.Option(6, "--sheet", help="Images in the contact sheet sheet.jpg (0: none)."),
 ) -> None:  # fmt: skip
     """Benchmark adapted vs. unadapted: parameters, FLOPs, latency per backend, no-reference quality."""

@@ -45,7 +45,7 @@ def _record_path(output: Path) -> Path:
 def run_command(
     input: str = typer.Option(..., "--input", "-i", help="Folder of images, an image, a video, a camera index or a stream URL."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (images), a video file (.mp4/.avi/...) or, for one image, an image file."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Export folder (model.json), .onnx or .engine [default: the newest runs/adapt/<run>/export]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Export folder (model.json), .onnx or .engine (default: the newest runs/adapt/<run>/export)."),
     night_model: Optional[Path] = typer.Option(None, "--night-model", help="A second model for dark frames (switches by mean luma)."),
     night_below: float = typer.Option(0.22, "--night-below", help="Mean luma (0-1) under which a frame counts as night."),
     skip_clear: bool = typer.Option(False, "--skip-clear", help="Pass frames with little haze through unchanged."),
@@ -53,7 +53,7 @@ def run_command(
     hold: int = typer.Option(15, "--hold", help="Frames a new domain must persist before the model switches."),
     prefer: str = typer.Option("auto", "--prefer", help="auto (engine if TensorRT can load it, else ONNX) | engine | onnx."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16: which ONNX graph of an export folder."),
-    providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime providers, comma-separated [default: TensorRT, CUDA, CPU as available]."),
+    providers: Optional[str] = typer.Option(None, "--providers", help="onnxruntime providers, comma-separated (default: TensorRT, CUDA, CPU as available)."),
     tile: Optional[int] = typer.Option(None, "--tile", help="Run frames in tiles of at most this side (pixels)."),
     overlap: int = typer.Option(32, "--overlap", help="Overlap of neighbouring tiles (pixels)."),
     threads: int = typer.Option(0, "--threads", help="onnxruntime CPU threads (0: its default)."),
