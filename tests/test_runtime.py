@@ -20,7 +20,6 @@ from bilalora.errors import UserError
 from bilalora.padding import pad_to_multiple as torch_pad
 from bilalora.runtime import Dehazer, HazeRule, LuminanceRule, ModelSwitch, open_sink, open_source, process
 from bilalora.runtime.frames import blend_window, frame_to_rgb01, pad_to_multiple, plan_tiles, rgb01_to_frame
-from bilalora.runtime.streams import Frame
 
 
 # --------------------------------------------------------------------------- models
