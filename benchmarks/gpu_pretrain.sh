@@ -8,7 +8,7 @@
 #                (50 synth_test pairs vs DCP); if it beats DCP by 6 dB copy it and its card to bilalora/weights/.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/work"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+source benchmarks/device_setup.sh
 DATA=.carry/pretrain
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 RESUME=()

@@ -8,9 +8,7 @@
 # Run:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=540)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/device_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 # 1. step timings, prior objective: bilevel 2-pass vs the release's 3-pass, joint, stage B; peak memory
