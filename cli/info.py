@@ -52,6 +52,13 @@ def info_command() -> None:
         table.add_row("tensorrt", str(getattr(trt, "__version__", "?")))
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         table.add_row("tensorrt", "[yellow]not installed[/] " + escape("(pip install 'bilalora[trt]' on a CUDA machine)"))
+    try:
+        from bilalora.runtime.backends import import_cudart
+
+        import_cudart()
+        table.add_row("cuda-python", "installed (the runtime's .engine path)")
+    except Exception:  # noqa: BLE001 - UserError when absent
+        table.add_row("cuda-python", "[yellow]not installed[/] (only the runtime's .engine path needs it)")
     for spec in backbones.list_backbones():
         shipped = backbones.shipped_weights(spec.name)
         if spec.weights_file:
