@@ -19,7 +19,7 @@ $BILALORA adapt --images "$IMAGES" --name "$NAME" --objective prior --epochs 6 -
 RUN=runs/adapt/$NAME
 $BILALORA export --adapter "$RUN/adapter.safetensors" --merge --fp16 --images "$IMAGES"
 $BILALORA export --base --fp16
-$BILALORA bench --adapter "$RUN/adapter.safetensors" --dcp --iqa piqe --size 480x640 --threads 2 --sheet 8
+$BILALORA bench --adapter "$RUN/adapter.safetensors" --dcp --iqa piqe --size 480x640 --runs 10 --warmup 2 --threads 2 --sheet 8
 BACKBONE=$(python3 -c "import json;print(json.load(open('$RUN/summary.json'))['backbone'])")
 mkdir -p benchmarks/results
 cp "$RUN/bench/bench.json" "benchmarks/results/e2e_$(basename "$IMAGES")_${BACKBONE}.json"
