@@ -46,6 +46,7 @@ __all__ = [
     "ImageFolder",
     "augment",
     "center_square_crop",
+    "downsize",
     "list_images",
     "load_image",
     "random_square_crop",
@@ -250,7 +251,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageDecodeError(path, f"truncated or corrupt: {reason}") from err
 
 
-def _downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
+def downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
     """Shrink ``image`` (H, W, 3) so that max(H, W) <= max_side (cv2 INTER_AREA), clipped to [0, 1]
     (area averaging in float32 can land a hair above 1)."""
     height, width = image.shape[:2]
@@ -300,7 +301,7 @@ class ImageFolder:
         self._images: list[np.ndarray] = []
         for path in list_images(self.folder, recursive=recursive):
             try:
-                image = _downsize(load_image(path), self.max_side)
+                image = downsize(load_image(path), self.max_side)
             except ImageDecodeError as err:
                 self.skipped.append((path, err.reason))
                 continue

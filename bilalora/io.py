@@ -30,14 +30,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        if tmp.exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, dest)
+        publish(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def publish(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Rename a finished temporary file onto ``dest`` with the usual file mode (mkstemp makes 0600 files)."""
+    tmp = Path(tmp)
+    if tmp.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dest)
+    return Path(dest)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -62,7 +62,7 @@ def run_command(
     """Dehaze frames with an exported model: folders, images, videos, cameras, streams. No torch needed."""
     from bilalora.io import write_json
     from bilalora.runtime import Dehazer, HazeRule, LuminanceRule, ModelSwitch
-    from bilalora.runtime.streams import open_sink, open_source
+    from bilalora.runtime.streams import open_sink, open_source, process
 
     if max_frames < 0:
         raise UserError(f"--max-frames {max_frames}: use 0 (all) or more")
@@ -96,8 +96,6 @@ def run_command(
 
         def on_frame(frame, latency: float) -> None:
             progress.update(task, advance=1, status=f"{latency:.1f} ms  {escape(frame.name)}")
-
-        from bilalora.runtime.streams import process
 
         report = process(source, sink, dehaze, max_frames=max_frames, on_frame=on_frame)
     for dehazer in dehazers:

@@ -19,8 +19,7 @@ importable without torch (the runtime reads model.json with it).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bilalora.lazy import lazy_exports
 
 _EXPORTS = {
     "ExportOptions": "pipeline",
@@ -59,15 +58,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)  # noqa: PLE0605 - the lazily imported names
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bilalora.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -16,8 +16,7 @@ files); it never imports torch. Names are imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bilalora.lazy import lazy_exports
 
 _EXPORTS = {
     "Dehazer": "dehazer",
@@ -45,15 +44,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bilalora.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

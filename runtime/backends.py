@@ -15,6 +15,7 @@ drive it with stand-in ``tensorrt`` and ``cudart`` modules that record the calls
 
 from __future__ import annotations
 
+import abc
 import importlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,7 +39,7 @@ DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUE
 TRT_INSTALL_HINT = "pip install 'bilalora[trt]'"
 
 
-class Backend:
+class Backend(abc.ABC):
     """What the :class:`~.dehazer.Dehazer` needs from an inference engine.
 
     Attributes:
@@ -59,9 +60,9 @@ class Backend:
     min_hw: Optional[tuple[int, int]] = None
     max_batch: Optional[int] = None
 
+    @abc.abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 3, H, W) in [0, 1] -> float32 (N, 3, H, W) in [0, 1]."""
-        raise NotImplementedError  # pragma: no cover - interface
 
     def close(self) -> None:
         """Release device resources (idempotent)."""

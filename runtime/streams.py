@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from bilalora.errors import UserError
+from bilalora.io import publish, write_bytes_atomic
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -176,8 +177,6 @@ class ImageSink:
         ok, encoded = cv2.imencode(suffix, image, self.params if suffix in (".jpg", ".jpeg") else [])
         if not ok:
             raise UserError(f"--output: OpenCV cannot encode {path.name}")
-        from bilalora.io import write_bytes_atomic
-
         write_bytes_atomic(path, encoded.tobytes())
         self.written.append(path)
         return path
@@ -239,10 +238,7 @@ class VideoSink:
             self.writer.release()
             self.writer = None
             if self.frames:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-                os.replace(self.tmp, self.path)
+                publish(self.tmp, self.path)
         if self.tmp.exists():
             self.tmp.unlink()
 

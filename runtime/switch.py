@@ -62,35 +62,40 @@ def haze_density(frame: np.ndarray, color: str = "bgr", window: int = 15) -> flo
     The window is scaled with the probe so that it covers the same share of the frame as
     ``window`` pixels of a 600-pixel-wide image.
     """
+    from bilalora.metrics.haze import dark_channel
+
     rgb = _probe(frame, color)
     side = max(1, round(window * max(rgb.shape[:2]) / 600))
-    dark = rgb.min(axis=2)
-    dark = cv2.erode(dark, np.ones((side, side), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    return float(dark.mean())
+    return float(dark_channel(rgb, side).mean())
 
 
-class LuminanceRule:
+class _ThresholdRule:
+    """``names[1]`` when ``measure(frame, color)`` is above (or below) ``threshold``, else ``names[0]``."""
+
+    def __init__(self, measure, threshold: float, above: bool, color: str, names: tuple[str, str], flag: str):
+        if not 0.0 < threshold < 1.0:
+            raise UserError(f"{flag} {threshold}: use a value between 0 and 1")
+        self.measure, self.threshold, self.above = measure, float(threshold), above
+        self.color, self.names = color, names
+
+    def __call__(self, frame: np.ndarray) -> str:
+        value = self.measure(frame, self.color)
+        crossed = value > self.threshold if self.above else value < self.threshold
+        return self.names[1] if crossed else self.names[0]
+
+
+class LuminanceRule(_ThresholdRule):
     """"night" when the frame's mean luma is below ``threshold``, else "day"."""
 
     def __init__(self, threshold: float = 0.22, color: str = "bgr", names: tuple[str, str] = ("day", "night")):
-        if not 0.0 < threshold < 1.0:
-            raise UserError(f"--night-below {threshold}: use a luma between 0 and 1")
-        self.threshold, self.color, self.names = float(threshold), color, names
-
-    def __call__(self, frame: np.ndarray) -> str:
-        return self.names[1] if mean_luminance(frame, self.color) < self.threshold else self.names[0]
+        super().__init__(mean_luminance, threshold, False, color, names, "--night-below")
 
 
-class HazeRule:
+class HazeRule(_ThresholdRule):
     """"haze" when the frame's mean dark channel is above ``threshold``, else "clear"."""
 
     def __init__(self, threshold: float = 0.3, color: str = "bgr", names: tuple[str, str] = ("clear", "haze")):
-        if not 0.0 < threshold < 1.0:
-            raise UserError(f"--haze-above {threshold}: use a density between 0 and 1")
-        self.threshold, self.color, self.names = float(threshold), color, names
-
-    def __call__(self, frame: np.ndarray) -> str:
-        return self.names[1] if haze_density(frame, self.color) > self.threshold else self.names[0]
+        super().__init__(haze_density, threshold, True, color, names, "--haze-above")
 
 
 Model = Optional[Callable[[np.ndarray], np.ndarray]]

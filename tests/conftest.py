@@ -89,3 +89,21 @@ def hazy_folder(tmp_path) -> Path:
     folder = tmp_path / "frames"
     write_hazy_images(folder)
     return folder
+
+
+_NO_TORCH = (
+    "import builtins\n"
+    "real = builtins.__import__\n"
+    "def guard(name, *a, **k):\n"
+    "    if name == 'torch' or name.startswith('torch.'): raise ImportError('no torch here')\n"
+    "    return real(name, *a, **k)\n"
+    "builtins.__import__ = guard\n"
+)
+
+
+def run_without_torch(code: str, timeout: float = 120):
+    """Run ``code`` in a fresh Python where every ``import torch`` fails; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _NO_TORCH + code], capture_output=True, text=True, timeout=timeout)

@@ -34,6 +34,7 @@ from bilalora import backbones, lora, sites
 from bilalora.adapter import Adapter, fingerprint
 from bilalora.errors import UserError
 from bilalora.profile import measure_cost
+from conftest import run_without_torch  # tests/ is on sys.path under pytest
 
 SITES = ("level3_block2", "down_level1_block3", "level3_block7")
 
@@ -301,19 +302,7 @@ def test_sidecar_helpers(tmp_path):
 
 
 def test_sidecar_is_torch_free():
-    import subprocess
-
-    code = (
-        "import sys, builtins\n"
-        "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name == 'torch' or name.startswith('torch.'): raise ImportError('no torch here')\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = guard\n"
-        "from bilalora.export.sidecar import read_sidecar, engine_mismatch\n"
-        "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = run_without_torch("from bilalora.export.sidecar import read_sidecar, engine_mismatch\nprint('ok')\n", 60)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -20,6 +19,7 @@ from bilalora.errors import UserError
 from bilalora.padding import pad_to_multiple as torch_pad
 from bilalora.runtime import Dehazer, HazeRule, LuminanceRule, ModelSwitch, open_sink, open_source, process
 from bilalora.runtime.frames import blend_window, frame_to_rgb01, pad_to_multiple, plan_tiles, rgb01_to_frame
+from conftest import run_without_torch  # tests/ is on sys.path under pytest
 
 
 # --------------------------------------------------------------------------- models
@@ -463,12 +463,6 @@ def test_runtime_and_run_command_work_without_torch(exported, tmp_path):
     frames.mkdir()
     cv2.imwrite(str(frames / "a.png"), _frame(37, 45))
     code = (
-        "import sys, builtins\n"
-        "real = builtins.__import__\n"
-        "def guard(name, *a, **k):\n"
-        "    if name == 'torch' or name.startswith('torch.'): raise ImportError('no torch here')\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = guard\n"
         "import numpy as np\n"
         "from bilalora.runtime import Dehazer, ModelSwitch, LuminanceRule\n"
         f"d = Dehazer({str(folder)!r})\n"
@@ -476,7 +470,7 @@ def test_runtime_and_run_command_work_without_torch(exported, tmp_path):
         "from bilalora.cli.app import app\n"
         f"app(['run', '--model', {str(folder)!r}, '--input', {str(frames)!r}, '--output', {str(tmp_path / 'out')!r}])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = run_without_torch(code)
     assert result.returncode == 0, result.stderr + result.stdout
     assert "torch" not in result.stderr
     record = json.loads((tmp_path / "out" / "run.json").read_text())

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["BACKENDS", "Timing", "time_callable", "LatencyRow", "time_subject"]
+__all__ = ["BACKENDS", "Timing", "time_callable", "LatencyRow", "time_backend"]
 
 #: Backends in table order: (name, artefact in the export folder or None for PyTorch).
 BACKENDS = {
@@ -116,9 +116,9 @@ def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: 
     return timing, f"PyTorch {torch.__version__} on {name}"
 
 
-def time_subject(
+def time_backend(
     subject,
-    backends: list[str],
+    backend: str,
     size: tuple[int, int],
     device: str,
     warmup: int = 3,
@@ -126,65 +126,59 @@ def time_subject(
     providers: Optional[list[str]] = None,
     cost: Optional[dict[str, Any]] = None,
     threads: int = 0,
-) -> list[LatencyRow]:
-    """Time ``subject`` (a :class:`~.subjects.Subject`) on each named backend.
+) -> LatencyRow:
+    """Time ``subject`` (a :class:`~.subjects.Subject`) on one backend of :data:`BACKENDS`.
 
     Args:
-        backends: names from :data:`BACKENDS`.
         size: (H, W) of the timed input; a multiple of the pad multiple (4).
         device: torch device for the PyTorch backend.
         providers: onnxruntime providers (None: the runtime's default order).
-        cost: ``{"parameters", "gflops"}`` of the network, copied into every row.
+        cost: ``{"parameters", "gflops"}`` of the network, copied into the row.
         threads: onnxruntime intra-op threads (0: its default; PyTorch's are set by the caller).
     """
     from bilalora.runtime.backends import OnnxBackend, TensorRTBackend
 
-    rows = []
-    parameters = (cost or {}).get("parameters")
-    gflops = (cost or {}).get("gflops")
-    rng = np.random.default_rng(0)
-    probe = rng.random((1, 3, *size), dtype=np.float32)
-    for backend in backends:
-        row = LatencyRow(subject.name, backend, "OK", parameters=parameters, gflops=gflops)
-        rows.append(row)
-        artefact = BACKENDS[backend]
-        if artefact is None:
-            if subject.model is None:
-                row.status = "skipped: no PyTorch weights for this export"
-                continue
-            row.megabytes = round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / 2**20, 2)
-            try:
-                row.timing, row.device = _torch_timing(subject.model, size, device, warmup, runs)
-            except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
-                row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-            continue
-        if subject.export is None:
-            hint = "bilalora export --base" if subject.role == "base" else "bilalora export --merge"
-            row.status = f"skipped: no export (run `{hint}`)"
-            continue
-        path = Path(subject.export) / artefact
-        if not path.is_file():
-            row.status = f"skipped: no {artefact} in {subject.export}"
-            continue
-        row.file = str(path)
-        row.megabytes = round(path.stat().st_size / 2**20, 2)
-        engine = None
+    row = LatencyRow(subject.name, backend, "OK", parameters=(cost or {}).get("parameters"),
+                     gflops=(cost or {}).get("gflops"))  # fmt: skip
+    artefact = BACKENDS[backend]
+    if artefact is None:
+        if subject.model is None:
+            row.status = "skipped: no PyTorch weights for this export"
+            return row
+        row.megabytes = round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / 2**20, 2)
         try:
-            if backend == "tensorrt":
-                from bilalora.export.sidecar import read_sidecar
+            row.timing, row.device = _torch_timing(subject.model, size, device, warmup, runs)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
+            row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        return row
+    if subject.export is None:
+        hint = "bilalora export --base" if subject.role == "base" else "bilalora export --merge"
+        row.status = f"skipped: no export (run `{hint}`)"
+        return row
+    path = Path(subject.export) / artefact
+    if not path.is_file():
+        row.status = f"skipped: no {artefact} in {subject.export}"
+        return row
+    row.file = str(path)
+    row.megabytes = round(path.stat().st_size / 2**20, 2)
+    probe = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+    engine = None
+    try:
+        if backend == "tensorrt":
+            from bilalora.export.sidecar import read_sidecar
 
-                engine = TensorRTBackend(path, record=read_sidecar(subject.export))
-            else:
-                engine = OnnxBackend(path, providers=providers, threads=threads)
-            row.device = engine.device
-            if engine.fixed_hw and tuple(engine.fixed_hw) != tuple(size):
-                row.status = f"skipped: static {engine.fixed_hw[0]}x{engine.fixed_hw[1]} graph, not {size[0]}x{size[1]}"
-                continue
+            engine = TensorRTBackend(path, record=read_sidecar(subject.export))
+        else:
+            engine = OnnxBackend(path, providers=providers, threads=threads)
+        row.device = engine.device
+        if engine.fixed_hw and tuple(engine.fixed_hw) != tuple(size):
+            row.status = f"skipped: static {engine.fixed_hw[0]}x{engine.fixed_hw[1]} graph, not {size[0]}x{size[1]}"
+        else:
             row.timing = time_callable(lambda: engine.run(probe), warmup, runs)
-        except Exception as exc:  # noqa: BLE001 - UserError (TensorRT missing), onnxruntime errors
-            message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            row.status = f"skipped: {message}" if type(exc).__name__ == "UserError" else f"failed: {message}"
-        finally:
-            if engine is not None:
-                engine.close()
-    return rows
+    except Exception as exc:  # noqa: BLE001 - UserError (TensorRT missing), onnxruntime errors
+        message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        row.status = f"skipped: {message}" if type(exc).__name__ == "UserError" else f"failed: {message}"
+    finally:
+        if engine is not None:
+            engine.close()
+    return row

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .latency import BACKENDS, LatencyRow, time_subject
+from .latency import BACKENDS, LatencyRow, time_backend
 from .quality import QualityTable, load_images, resolve_metrics, score_images, torch_dehazer
 from .subjects import Subject, resolve_subjects
 
@@ -217,10 +217,10 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
     latency: list[LatencyRow] = []
     for subject in subjects:
         for backend in backends:
-            rows = time_subject(subject, [backend], tuple(options.size), options.device, options.warmup,
-                                options.runs, options.providers, cost.get(subject.name), options.threads)  # fmt: skip
-            latency.extend(rows)
-            events.advance("latency", f"{subject.name} {backend}: {rows[0].status}")
+            row = time_backend(subject, backend, tuple(options.size), options.device, options.warmup,
+                               options.runs, options.providers, cost.get(subject.name), options.threads)  # fmt: skip
+            latency.append(row)
+            events.advance("latency", f"{subject.name} {backend}: {row.status}")
     events.done("latency")
     timings["latency"] = round(time.perf_counter() - tick, 3)
 

@@ -50,23 +50,16 @@ def resolve_metrics(names: Sequence[str], iqa: Sequence[str] = (), device: str =
 
 def load_images(paths: Sequence[Path], max_side: Optional[int]) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, str]]]:
     """Decode images to uint8 RGB (longer side <= ``max_side``); returns (name, image) pairs and skipped files."""
-    import cv2
-
-    from bilalora.data import ImageDecodeError, load_image
+    from bilalora.data import ImageDecodeError, downsize, load_image
 
     images, skipped = [], []
     for path in paths:
         try:
-            image = load_image(path)
+            image = downsize(load_image(path), max_side)
         except ImageDecodeError as exc:
             skipped.append((Path(path).name, str(exc)))
             continue
-        height, width = image.shape[:2]
-        if max_side and max(height, width) > max_side:
-            scale = max_side / max(height, width)
-            image = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))),
-                               interpolation=cv2.INTER_AREA)  # fmt: skip
-        images.append((Path(path).name, (np.clip(image, 0, 1) * 255.0 + 0.5).astype(np.uint8)))
+        images.append((Path(path).name, (image * 255.0 + 0.5).astype(np.uint8)))
     return images, skipped
 
 
