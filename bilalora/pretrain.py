@@ -45,6 +45,7 @@ from torch import nn
 
 from . import backbones
 from .adapter import fingerprint
+from .devices import autocast_factory, device_name
 from .errors import UserError
 from .io import append_jsonl, atomic_path, write_json
 from .padding import crop_to, pad_to_multiple
@@ -292,12 +293,6 @@ class TrainMixture:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _autocast(device: str, precision: str):
-    if precision == "bf16":
-        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -339,7 +334,7 @@ def evaluate(
         else:
             x = torch.from_numpy(hazy.transpose(2, 0, 1).copy())[None].to(device)
             x, size = pad_to_multiple(x, 4)
-            with _autocast(device, precision):
+            with autocast_factory(device, precision)():
                 output = crop_to(model(x), size).float().cpu()
         rows.append(
             {
@@ -437,7 +432,7 @@ def model_card(
             "rotations and flips, DEConv training form re-parameterised to the plain network",
             **{k: v for k, v in asdict(config).items()},
             "device": device,
-            "device_name": _device_name(device),
+            "device_name": device_name(device),
             "train_seconds": round(train_seconds, 1),
             "torch": torch.__version__,
         },
@@ -452,21 +447,6 @@ def _strip_rows(record: dict | None) -> dict | None:
     if record is None:
         return None
     return {k: v for k, v in record.items() if k != "per_image"}
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -637,7 +617,7 @@ def pretrain(
         "start_step": step,
         "end_step": step,
         "steps_total": config.steps,
-        "device": _device_name(device),
+        "device": device_name(device),
         "threads": torch.get_num_threads(),
         "precision": precision,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -704,7 +684,7 @@ def pretrain(
             target = target.to(device, non_blocking=True)
             if channels_last:
                 hazy = hazy.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, precision):
+            with autocast_factory(device, precision)():
                 output = model(hazy)
             output = output.float()
             loss = F.l1_loss(output, target)

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .common import console, resolve_device, user_errors
-from .parsing import parse_list
+from bilalora.parsing import parse_list
 
 _DEFAULTS_NOTE = "defaults follow METHOD.md (release values) except --lr and --gate-lr, chosen by measurement"
 

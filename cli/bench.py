@@ -17,21 +17,15 @@ from rich.text import Text
 
 from bilalora.errors import UserError
 
+from bilalora.parsing import parse_hw, parse_list
+
 from .common import console, err_console, progress_bar, resolve_device, user_errors
 
 _ARROWS = {"lower": "↓", "higher": "↑", "none": ""}
 
 
 def _split(value: Optional[str]) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()] if value else []
-
-
-def _size(value: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size {value}: use HxW, e.g. 512x512") from None
-    return height, width
+    return parse_list(value) or []
 
 
 def _events(progress):
@@ -144,7 +138,7 @@ def bench_command(
     options = BenchOptions(
         adapters=adapter or [], models=model or [], backbone=backbone, weights=weights, include_base=base,
         images=images, max_images=max_images, max_side=max_side, metrics=_split(metrics), iqa=_split(iqa),
-        dcp=dcp, backends=_split(backends) or None, size=_size(size), warmup=warmup, runs=runs,
+        dcp=dcp, backends=_split(backends) or None, size=parse_hw(size, "--size", example="512x512"), warmup=warmup, runs=runs,
         device=resolve_device(device), providers=_split(providers) or None, threads=threads, report=report,
         sheet=sheet,
     )  # fmt: skip

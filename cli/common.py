@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from bilalora.devices import resolve_device  # noqa: F401 - re-exported for the commands
 from bilalora.errors import UserError
 
 console = Console(highlight=False)
@@ -32,20 +33,6 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def resolve_device(device: str) -> str:
-    """Map ``auto|cpu|cuda|cuda:N`` to a torch device string; ``cuda`` without a GPU is a UserError."""
-    import torch
-
-    device = device.lower()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA GPU is visible; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def progress_bar(transient: bool = False):

@@ -15,6 +15,8 @@ from rich.markup import escape
 
 from bilalora.errors import UserError
 
+from bilalora.parsing import parse_list
+
 from .common import console, err_console, progress_bar, user_errors
 
 RECORD_NAME = "run.json"
@@ -69,7 +71,7 @@ def run_command(
     chosen = model if model is not None else _default_model()
     if model is None:
         console.print(f"model: {escape(str(chosen))} (newest adapt run; --model to choose)", soft_wrap=True)
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+    provider_list = parse_list(providers)
     options = dict(providers=provider_list, prefer=prefer, precision=precision, tile=tile, overlap=overlap,
                    threads=threads)  # fmt: skip
     dehazers = [Dehazer(chosen, **options)]

@@ -24,7 +24,7 @@ def sites_command(
     from bilalora import sites as site_lib
     from bilalora.profile import measure_cost
 
-    from .parsing import parse_hw
+    from bilalora.parsing import parse_hw
 
     from bilalora.backbones import default_backbone
 

@@ -3,7 +3,7 @@
     from bilalora.export import ExportOptions, run_export
     result = run_export(ExportOptions(adapter="day.safetensors", fp16=True))
     result.artefacts          # merged.safetensors, model.onnx, model_fp16.onnx (+ model.engine with trt=True)
-    result.record             # the model.json record (schema: bilalora.export.sidecar)
+    result.record             # the model.json record (schema: bilalora.runtime.model_json)
 
 Building blocks (each usable alone):
 
@@ -11,10 +11,9 @@ Building blocks (each usable alone):
 * :func:`export_onnx` / :func:`export_fp16` (:mod:`.onnx_export`, :mod:`.fp16`): the ONNX graphs.
 * :func:`onnx_parity`, :func:`random_cases`, :func:`image_cases` (:mod:`.parity`): the gates.
 * :func:`make_profile`, :func:`build_engine`, :func:`engine_plan` (:mod:`.trt`): TensorRT.
-* :func:`read_sidecar`, :func:`engine_mismatch` (:mod:`.sidecar`): model.json, torch-free.
-
-Attributes are imported on first use, so ``bilalora.export.sidecar`` stays
-importable without torch (the runtime reads model.json with it).
+The ``model.json`` schema belongs to the runtime that reads it
+(:mod:`bilalora.runtime.model_json`); the exporter writes through it.
+Attributes are imported on first use.
 """
 
 from __future__ import annotations
@@ -51,9 +50,6 @@ _EXPORTS = {
     "build_engine": "trt",
     "refit_map": "trt",
     "TRT_INSTALL_HINT": "trt",
-    "read_sidecar": "sidecar",
-    "write_sidecar": "sidecar",
-    "engine_mismatch": "sidecar",
 }
 
 __all__ = list(_EXPORTS)  # noqa: PLE0605 - the lazily imported names

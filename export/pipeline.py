@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from bilalora.errors import UserError
 
-from . import sidecar
+from bilalora.runtime import model_json as sidecar
 from .parity import DEFAULT_SIZES, Case, ParityResult
 from .trt import ShapeProfile
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from bilalora.errors import UserError
+from bilalora.parsing import parse_hw
 
 __all__ = [
     "TRT_INSTALL_HINT",
@@ -133,32 +134,8 @@ class ShapeProfile:
 
 
 def parse_size(value: str | Sequence[int], flag: str, multiple: int = _PAD_MULTIPLE) -> tuple[int, int]:
-    """``"HxW"`` (or ``"N"`` for a square, or an (H, W) pair) -> (H, W), both positive multiples of ``multiple``.
-
-    Raises:
-        UserError: naming ``flag``, for text that is not a size or sizes that are not multiples.
-    """
-    if isinstance(value, str):
-        parts = value.lower().replace("*", "x").replace(",", "x").split("x")
-        try:
-            numbers = [int(part) for part in parts]
-        except ValueError:
-            raise UserError(f"{flag} {value}: expected HxW, e.g. 720x1280") from None
-    else:
-        numbers = [int(v) for v in value]
-    if len(numbers) == 1:
-        numbers = numbers * 2
-    if len(numbers) != 2 or min(numbers) <= 0:
-        raise UserError(f"{flag} {value}: expected HxW with two positive sizes, e.g. 720x1280")
-    bad = [v for v in numbers if v % multiple]
-    if bad:
-        height, width = numbers
-        suggestion = f"{-(-height // multiple) * multiple}x{-(-width // multiple) * multiple}"
-        raise UserError(
-            f"{flag} {value}: height and width must be multiples of {multiple} (the network downsamples twice); "
-            f"use e.g. {suggestion} (the runtime pads frames up to it)"
-        )
-    return numbers[0], numbers[1]
+    """``"HxW"`` -> (H, W), multiples of the pad multiple (:func:`bilalora.parsing.parse_hw`)."""
+    return parse_hw(value, flag, multiple, example="720x1280")
 
 
 def make_profile(

@@ -40,6 +40,9 @@ _EXPORTS = {
     "frame_to_rgb01": "frames",
     "rgb01_to_frame": "frames",
     "plan_tiles": "frames",
+    "read_sidecar": "model_json",
+    "write_sidecar": "model_json",
+    "engine_mismatch": "model_json",
 }
 
 __all__ = sorted(_EXPORTS)

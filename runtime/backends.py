@@ -186,7 +186,7 @@ class TensorRTBackend(Backend):
         gpu = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
         capability = (int(props.major), int(props.minor))
         if record is not None and record.get("trt"):
-            from bilalora.export.sidecar import engine_mismatch
+            from bilalora.runtime.model_json import engine_mismatch
 
             problem = engine_mismatch(record, self.trt.__version__, capability)
             if problem:

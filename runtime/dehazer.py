@@ -4,7 +4,7 @@
     dehaze = Dehazer("runs/adapt/exp/export")        # folder with model.json, or a .onnx / .engine
     clear = dehaze(frame)                             # uint8 (H, W, 3) BGR -> same shape, dtype, order
 
-The folder form reads ``model.json`` (:mod:`bilalora.export.sidecar`) for the pad
+The folder form reads ``model.json`` (:mod:`bilalora.runtime.model_json`) for the pad
 multiple and picks an artefact: the TensorRT engine when TensorRT can load it
 here, else the ONNX graph (``precision="fp16"`` prefers ``model_fp16.onnx``) in
 onnxruntime with the TensorRT, CUDA, then CPU providers that it has. Frames of
@@ -35,7 +35,7 @@ _PRECISIONS = ("fp32", "fp16")
 
 
 def _read_record(folder: Path) -> Optional[dict[str, Any]]:
-    from bilalora.export.sidecar import SIDECAR_NAME, read_sidecar
+    from bilalora.runtime.model_json import SIDECAR_NAME, read_sidecar
 
     path = folder / SIDECAR_NAME
     if not path.is_file():

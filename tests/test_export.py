@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from bilalora.export import sidecar
+from bilalora.runtime import model_json as sidecar
 from bilalora.export.fp16 import export_fp16, fp32_initializers
 from bilalora.export.merge import gated_copy, merge_adapter, save_merged
 from bilalora.export.onnx_export import ExportWrapper, export_onnx, initializer_names
@@ -302,7 +302,7 @@ def test_sidecar_helpers(tmp_path):
 
 
 def test_sidecar_is_torch_free():
-    result = run_without_torch("from bilalora.export.sidecar import read_sidecar, engine_mismatch\nprint('ok')\n", 60)
+    result = run_without_torch("from bilalora.runtime.model_json import read_sidecar, engine_mismatch\nprint('ok')\n", 60)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 

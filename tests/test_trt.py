@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from bilalora.export import sidecar
+from bilalora.runtime import model_json as sidecar
 from bilalora.export.trt import (
     DEFAULT_MAX,
     DEFAULT_MIN,

@@ -165,7 +165,7 @@ def time_backend(
     engine = None
     try:
         if backend == "tensorrt":
-            from bilalora.export.sidecar import read_sidecar
+            from bilalora.runtime.model_json import read_sidecar
 
             engine = TensorRTBackend(path, record=read_sidecar(subject.export))
         else:

@@ -48,7 +48,7 @@ class Subject:
 
 
 def _read_record(folder: Path) -> Optional[dict]:
-    from bilalora.export.sidecar import SIDECAR_NAME, read_sidecar
+    from bilalora.runtime.model_json import SIDECAR_NAME, read_sidecar
 
     if not (folder / SIDECAR_NAME).is_file():
         return None
@@ -93,7 +93,7 @@ def subject_from_export(folder: Path, name: Optional[str] = None) -> Subject:
 
 def _matching_export(folder: Path, adapter: Optional[Path], base_fingerprint: str, notes: list[str]) -> Optional[Path]:
     """``folder`` when its model.json was exported from this adapter (or this base), else None (with a note)."""
-    from bilalora.export.sidecar import sha256_of
+    from bilalora.runtime.model_json import sha256_of
 
     record = _read_record(folder)
     if record is None:

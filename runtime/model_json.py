@@ -1,7 +1,7 @@
-"""``model.json``: the record of an export, read back by the runtime and the bench.
+"""``model.json``: the runtime's contract with an export (the exporter writes through this module).
 
-This module imports neither torch nor onnx, so the torch-free runtime can use
-:func:`read_sidecar` and :func:`engine_mismatch` directly.
+This module imports neither torch nor onnx: it is the one place where
+``model.json`` is read (:func:`read_sidecar`) and written (:func:`write_sidecar`).
 
 Schema (``format_version`` 1). Paths are relative to the folder holding
 ``model.json``; sizes are ``[N, C, H, W]`` lists; numbers are JSON numbers::
