@@ -2,7 +2,7 @@
 
     run = adapt(model, "frames/", objective, AdaptConfig(method="bilevel"), run_dir="runs/adapt/exp")
 
-Methods (METHOD.md sections 1 and 4):
+Methods (docs/method.md):
 
 * ``bilevel``: gated LoRA on every candidate site; gates on the validation
   half, LoRA on the train half, first-order hypergradient (stage A); then the
@@ -59,7 +59,7 @@ CHECKPOINT = "checkpoints/last.pt"
 
 @dataclass
 class AdaptConfig:
-    """Everything that defines a run (METHOD.md defaults, except the LoRA learning rate)."""
+    """Everything that defines a run (the release's defaults, docs/method.md, except the LoRA learning rate)."""
 
     method: str = "bilevel"
     sites: Optional[list[str]] = None

@@ -1,4 +1,4 @@
-"""Gated LoRA for Conv2d and Linear layers (METHOD.md section 3), after PEFT's LoRA layer.
+"""Gated LoRA for Conv2d and Linear layers (docs/method.md, "Gated LoRA"), after PEFT's LoRA layer.
 
 For a frozen conv weight W (C_out, C_in/g, kh, kw) the layer learns
 A (r*kh, C_in/g*kw) (Kaiming-uniform, a = sqrt(5)) and B (C_out*kh, r*kh)
@@ -64,7 +64,7 @@ class SiteGate:
     handle the site's LoRA layers share.
 
     Args:
-        logit: initial logit (METHOD.md: 0, i.e. gate 0.5).
+        logit: initial logit (default 0, i.e. gate 0.5).
         gated: False for plain LoRA (the ``manual`` baseline): value() is 1.
     """
 

@@ -1,4 +1,4 @@
-"""Supervised pretraining of a dehazing backbone on hazy/clear pairs (METHOD.md section 5).
+"""Supervised pretraining of a dehazing backbone on hazy/clear pairs (docs/method.md, "Pretraining").
 
 Recipe (defaults): L1 loss; Adam, lr 1e-4 cosine-annealed to 1e-6; batch 16;
 random 256 crops with 90-degree rotations and flips; 10,000 steps. DEA-Net is

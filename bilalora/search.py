@@ -1,4 +1,4 @@
-"""Bilevel layer positioning (METHOD.md section 4) and its baselines, one step at a time.
+"""Bilevel layer positioning (docs/method.md, "Bilevel layer positioning") and its baselines, one step at a time.
 
 The upper level tunes the site gates ``a`` on the validation half (loss F), the
 lower level the LoRA factors ``w`` on the train half (loss f). The first-order
@@ -47,7 +47,7 @@ Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class OptimConfig:
-    """Optimiser settings (METHOD.md section 4 defaults of the release, except the learning rates).
+    """Optimiser settings (the release's defaults, docs/method.md, except the learning rates).
 
     The release's LoRA learning rate (1e-6, constant) leaves the output almost
     unchanged and its gate rate (3e-4) barely separates the gates in a short

@@ -1,7 +1,7 @@
 """Candidate LoRA injection sites of any ``nn.Module``.
 
 A *site* is a module with direct ``Conv2d`` (or ``Linear``) children; all those
-children get LoRA and share the site's gate (METHOD.md section 3). A conv that
+children get LoRA and share the site's gate (docs/method.md, "Gated LoRA"). A conv that
 is a direct child of the root model is a site of its own, named after it.
 Backbones may declare a default search space as glob patterns (DEA-Net: the
 release's 16 encoder blocks); ``include``/``exclude`` patterns narrow any list.

@@ -11,7 +11,7 @@ import typer
 from .common import console, resolve_device, user_errors
 from bilalora.parsing import parse_list
 
-_DEFAULTS_NOTE = "defaults follow METHOD.md (release values) except --lr and --gate-lr, chosen by measurement"
+_DEFAULTS_NOTE = "defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by measurement"
 
 
 @user_errors

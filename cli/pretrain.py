@@ -10,7 +10,7 @@ import typer
 
 from .common import console, progress_bar, resolve_device, user_errors
 
-_RECIPE_NOTE = "recipe per METHOD.md section 5: L1, Adam 1e-4 cosine to 1e-6, batch 16, 256 crops, 10,000 steps"
+_RECIPE_NOTE = "the paper's recipe (docs/method.md): L1, Adam 1e-4 cosine to 1e-6, batch 16, 256 crops, 10,000 steps"
 
 
 @user_errors

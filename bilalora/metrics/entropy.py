@@ -1,4 +1,4 @@
-"""Image entropy as used in dehazing papers (MATLAB ``entropy``), SPEC.md section 3.
+"""Image entropy as used in dehazing papers (MATLAB ``entropy``), docs/metrics.md.
 
 Default mode ``"gray"`` is ``entropy(rgb2gray(I))``: MATLAB gray (weights
 0.298936021293775 / 0.587043074451121 / 0.114020904255103, rounded half away

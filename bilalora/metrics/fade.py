@@ -1,7 +1,7 @@
 """FADE: Fog Aware Density Evaluator (Choi, You, Bovik, IEEE TIP 2015).
 
 A vectorised numpy re-implementation of the LIVE FADE 1.0 release, written from
-``shared/metrics/SPEC.md`` section 1 (no MATLAB code was copied). It reproduces
+``docs/metrics.md`` (FADE) (no MATLAB code was copied). It reproduces
 the original code (run under Octave) to about 1e-7 on the release's test images.
 
 **Lower FADE means less perceived fog** (better dehazing). The score is a ratio
@@ -41,7 +41,7 @@ PATCH_SIZE = 8
 MATLAB_GRAY_WEIGHTS = (0.298936021293775, 0.587043074451121, 0.114020904255103)
 _PARAMS_PATH = Path(__file__).resolve().parent / "data" / "fade_params.npz"
 
-# Contrast-energy constants (Groen et al., as used by FADE), SPEC.md 1.3.
+# Contrast-energy constants (Groen et al., as used by FADE), docs/metrics.md.
 _CE_SIGMA = 3.25
 _CE_SEMISATURATION = 0.1
 _CE_TAU_GRAY = 9.225496406318721e-4 * 255
@@ -123,7 +123,7 @@ def matlab_gray(rgb_uint8: np.ndarray) -> np.ndarray:
     """MATLAB ``rgb2gray`` of a uint8 (H, W, 3) image, as float64 integers 0..255.
 
     ``Y = 0.298936021293775 R + 0.587043074451121 G + 0.114020904255103 B``,
-    rounded half away from zero (SPEC.md conventions).
+    rounded half away from zero (docs/metrics.md conventions).
     """
     rgb = np.asarray(rgb_uint8, dtype=np.float64)
     wr, wg, wb = MATLAB_GRAY_WEIGHTS
@@ -196,7 +196,7 @@ def _imfilter_replicate(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _ce_kernel() -> np.ndarray:
-    """Groen et al. second-derivative-of-Gaussian kernel (20 taps, SPEC.md 1.3)."""
+    """Groen et al. second-derivative-of-Gaussian kernel (20 taps, docs/metrics.md)."""
     sigma = _CE_SIGMA
     half = 3.0 * sigma
     n = int(np.floor(2.0 * half)) + 1  # -9.75:1:9.75 -> 20 samples, last 9.25
@@ -244,7 +244,7 @@ def _conv_same_even(x: np.ndarray, h: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _contrast_energy(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Contrast-energy maps (gray, yellow-blue, red-green), SPEC.md 1.3, on float64 RGB 0..255."""
+    """Contrast-energy maps (gray, yellow-blue, red-green), docs/metrics.md, on float64 RGB 0..255."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     channels = np.stack(
         [0.299 * r + 0.587 * g + 0.114 * b, 0.5 * r + 0.5 * g - b, r - g], axis=0

@@ -1,4 +1,4 @@
-"""Weight-free haze / contrast measures (SPEC.md section 5). numpy only.
+"""Weight-free haze / contrast measures (docs/metrics.md). numpy only.
 
 All functions take one image: ``uint8`` (H, W, 3) RGB 0..255, (H, W) gray
 (copied to three channels), or float in [0, 1] (converted with MATLAB
@@ -126,7 +126,7 @@ def colourfulness(image: np.ndarray) -> float:
 
     ``rg = R - G``, ``yb = 0.5 (R + G) - B``;
     ``CF = sqrt(std(rg)^2 + std(yb)^2) + 0.3 sqrt(mean(rg)^2 + mean(yb)^2)`` with sample
-    std (N - 1), as SPEC.md 2.4 f15. Gray images give 0. NaN for an empty image; a
+    std (N - 1), as FADE's feature f15 (docs/metrics.md). Gray images give 0. NaN for an empty image; a
     single pixel uses std = 0 (MATLAB semantics).
     """
     rgb = to_uint8_rgb(image, "colourfulness input").astype(np.float64)
