@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bilalora.errors import UserError
+from bilalora.sources import Source, default_out_dir, resolve_source
 
 from bilalora.runtime import model_json as sidecar
 from .parity import DEFAULT_SIZES, Case, ParityResult
 from .trt import ShapeProfile
 
-__all__ = ["ExportOptions", "Artefact", "Source", "ExportResult", "Events", "resolve_source", "run_export"]
+__all__ = ["ExportOptions", "Artefact", "ExportResult", "Events", "run_export"]
 
 ONNX_NAME = "model.onnx"
 FP16_NAME = "model_fp16.onnx"
@@ -143,26 +144,6 @@ class Artefact:
 
 
 @dataclass
-class Source:
-    """Where the network to export comes from.
-
-    Attributes:
-        mode: "adapter" or "base".
-        adapter: the adapter file (None for base).
-        run: the adapt run folder it belongs to, if any.
-        backbone, weights: how to rebuild the base network.
-        picked: one-line notes on defaults that were picked (printed by the CLI).
-    """
-
-    mode: str
-    adapter: Optional[Path]
-    run: Optional[Path]
-    backbone: str
-    weights: Optional[str]
-    picked: list[str] = field(default_factory=list)
-
-
-@dataclass
 class ExportResult:
     """What :func:`run_export` wrote.
 
@@ -208,97 +189,6 @@ class Events:
 
     def artefact(self, artefact: Artefact) -> None:
         """A file was written and passed its gate."""
-
-
-# --------------------------------------------------------------------------- source
-
-
-def resolve_source(options: ExportOptions) -> Source:
-    """Decide what to export (see the module docstring); UserError with what to do when nothing fits."""
-    from bilalora.runs import ADAPTER_NAME, adapt_root, latest_adapter_run
-
-    if options.adapter is not None and options.base:
-        raise UserError("--adapter and --base exclude each other: export an adapter, or the unadapted backbone")
-    picked: list[str] = []
-    root = adapt_root(options.runs_root)
-    if options.adapter is not None:
-        path = Path(options.adapter)
-        if not path.is_file():
-            raise UserError(f"adapter file not found: {path} (--adapter)")
-        run = path.parent if (path.name == ADAPTER_NAME or (path.parent / "summary.json").is_file()) else None
-        mode = "adapter"
-    elif options.base:
-        path = None
-        run = latest_adapter_run(root) if options.backbone is None and options.weights is None else None
-        mode = "base"
-        if run is not None:
-            picked.append(f"base: the backbone and weights of {run} (newest run under {root}; the bench's baseline)")
-    else:
-        run = latest_adapter_run(root)
-        if run is None:
-            raise UserError(
-                f"nothing to export: no finished adapt run under {root}/ (a folder with {ADAPTER_NAME}); "
-                "run `bilalora adapt --images DIR` first, pass --adapter FILE, "
-                "or export the unadapted backbone with --base"
-            )
-        path = run / ADAPTER_NAME
-        mode = "adapter"
-        picked.append(f"adapter: {path} (newest run under {root}; --adapter FILE picks another)")
-
-    summary = _read_summary(run)
-    backbone = options.backbone or summary.get("backbone")
-    if backbone is None and path is not None:
-        backbone = _adapter_backbone(path)
-    if backbone is None:
-        from bilalora.backbones import default_backbone
-
-        backbone = default_backbone()
-        picked.append(f"backbone: {backbone} (default: the registered DEA-Net with shipped weights; "
-                      "--backbone NAME picks another)")
-    elif options.backbone is None:
-        origin = f"{run}/summary.json" if summary.get("backbone") else "the adapter file"
-        picked.append(f"backbone: {backbone} (from {origin})")
-    weights = options.weights
-    if weights is None and summary.get("weights") not in (None, ""):
-        weights = _resolve_weights(str(summary["weights"]), run)
-        picked.append(f"weights: {weights} (from {run}/summary.json)")
-    return Source(mode, path, run, backbone, weights, picked)
-
-
-def _read_summary(run: Optional[Path]) -> dict[str, Any]:
-    if run is None or not (run / "summary.json").is_file():
-        return {}
-    try:
-        data = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{run / 'summary.json'} is not readable JSON ({exc}); pass --backbone and --weights") from None
-    return data if isinstance(data, dict) else {}
-
-
-def _adapter_backbone(path: Path) -> Optional[str]:
-    from bilalora.adapter import Adapter
-
-    return Adapter.load(path).backbone
-
-
-def _resolve_weights(weights: str, run: Optional[Path]) -> str:
-    """A weights path from summary.json: as written, else relative to the run folder."""
-    if weights == "random" or Path(weights).is_file() or run is None:
-        return weights
-    beside = run / weights
-    return str(beside) if beside.is_file() else weights
-
-
-def default_out_dir(source: Source) -> Path:
-    """The output folder when ``--out`` is not given."""
-    if source.mode == "adapter":
-        if source.run is not None:
-            return source.run / "export"
-        return source.adapter.parent / f"{source.adapter.stem}-export"
-    if source.run is not None:
-        return source.run / "export-base"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.backbone).strip("-") or "model"
-    return Path("runs") / "export" / f"{slug}-base"
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -437,7 +327,7 @@ def run_export(options: ExportOptions, events: Optional[Events] = None) -> Expor
         from bilalora.data import list_images
 
         list_images(options.images)  # one line now rather than after the export
-    source = resolve_source(options)
+    source = resolve_source(options.adapter, options.base, options.backbone, options.weights, options.runs_root)
     for line in source.picked:
         events.info(line)
     out_dir = Path(options.out) if options.out is not None else default_out_dir(source)

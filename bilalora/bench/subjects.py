@@ -132,7 +132,7 @@ def resolve_subjects(
     from bilalora import backbones
     from bilalora.adapter import Adapter, fingerprint
     from bilalora.export.merge import merge_adapter
-    from bilalora.export.pipeline import ExportOptions, resolve_source
+    from bilalora.sources import resolve_source
 
     notes: list[str] = []
     subjects: list[Subject] = []
@@ -141,8 +141,8 @@ def resolve_subjects(
         subjects = [subject_from_export(Path(m)) for m in models]
         return subjects, None, notes
 
-    first = resolve_source(ExportOptions(adapter=adapters[0] if adapters else None, backbone=backbone,
-                                         weights=weights, runs_root=runs_root))  # fmt: skip
+    first = resolve_source(adapter=adapters[0] if adapters else None, backbone=backbone,
+                           weights=weights, runs_root=runs_root)  # fmt: skip
     notes.extend(first.picked)
     adapter_paths = adapters or [first.adapter]
     base = backbones.load(first.backbone, weights=first.weights)
