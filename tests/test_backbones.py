@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -146,3 +148,93 @@ def test_registry_and_factory():
         backbones.create("no_such_pkg.mod:build")
     with pytest.raises(UserError, match="no callable"):
         backbones.create("bilalora.backbones.dea_net:missing")
+
+
+# ------------------------------------------------------------------ input normalisation
+from bilalora.backbones import normalize  # noqa: E402
+
+
+def _clip_trained_net():
+    """A tiny net 'trained' to expect CLIP-normalised input: its reference forward is f((x - m) / s)."""
+    torch.manual_seed(0)
+    return backbones.create("dea-net-t").eval()
+
+
+def test_fold_input_norm_is_the_reference_on_normalised_input():
+    import copy
+
+    net = _clip_trained_net()
+    x = torch.rand(2, 3, 32, 32)
+    norm = normalize.parse_input_norm("clip")
+    mean = torch.tensor(norm["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = net(((x - mean) / std))
+        keys = list(net.state_dict())
+        normalize.fold_input_norm(net, norm["mean"], norm["std"])
+        folded = net(x)
+        clone = copy.deepcopy(net)
+        cloned = clone(x)
+        cl = copy.deepcopy(net).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(folded, reference, atol=1e-6)
+    assert torch.allclose(cloned, reference, atol=1e-6)
+    assert torch.allclose(cl, reference, atol=1e-5)
+    assert list(net.state_dict()) == keys  # no new state-dict keys
+    assert normalize.same_input_norm(normalize.folded_input_norm(clone), norm)
+    assert net.bilalora_info["input_norm"] == norm
+    # folding again replaces, never stacks
+    normalize.fold_input_norm(net, norm["mean"], norm["std"])
+    with torch.no_grad():
+        assert torch.allclose(net(x), reference, atol=1e-6)
+    normalize.unfold_input_norm(net)
+    with torch.no_grad():
+        assert torch.allclose(net(x), reference, atol=1e-6) is False
+
+
+def test_load_input_norm_choices(tmp_path):
+    from safetensors.torch import save_file
+
+    net = backbones.create("dea-net-t")
+    plain = tmp_path / "plain.safetensors"
+    save_file(net.state_dict(), str(plain))
+    assert backbones.load("dea-net-t", weights=plain).bilalora_info["input_norm"] is None
+    clip = backbones.load("dea-net-t", weights=plain, input_norm="clip").bilalora_info["input_norm"]
+    assert clip["mean"] == pytest.approx(list(normalize.CLIP_MEAN))
+    custom = backbones.load("dea-net-t", weights=plain, input_norm="0.5,0.25").bilalora_info["input_norm"]
+    assert custom == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    # a file that records its normalisation (safetensors metadata) is honoured, "none" overrides it
+    recorded = tmp_path / "release.safetensors"
+    save_file(net.state_dict(), str(recorded), metadata={"bilalora": json.dumps({"input_norm": "clip"})})
+    assert backbones.load("dea-net-t", weights=recorded).bilalora_info["input_norm"]["std"] == pytest.approx(
+        list(normalize.CLIP_STD))
+    assert backbones.load("dea-net-t", weights=recorded, input_norm="none").bilalora_info["input_norm"] is None
+    # a weights card beside a .pth records it too
+    pth = tmp_path / "Base.pth"
+    torch.save(net.state_dict(), pth)
+    (tmp_path / "Base.json").write_text(json.dumps({"weights_file": "Base.pth", "input_norm": {"mean": [0.1] * 3,
+                                                                                              "std": [2.0] * 3}}))
+    assert backbones.load("dea-net-t", weights=pth).bilalora_info["input_norm"] == {"mean": [0.1] * 3,
+                                                                                  "std": [2.0] * 3}
+
+
+@pytest.mark.parametrize("bad", ["clip2", "1,2,3", "0.5,0", "a,b", "nan,1"])
+def test_bad_input_norm_is_one_line(bad):
+    with pytest.raises(UserError) as err:
+        normalize.parse_input_norm(bad)
+    assert "\n" not in str(err.value) and "--input-norm" in str(err.value)
+
+
+def test_shipped_card_records_input_norm():
+    card = json.loads((backbones.WEIGHTS_DIR / "dea-net-s.json").read_text())
+    assert "input_norm" in card and card["input_norm"] is None
+    assert normalize.recorded_input_norm(backbones.WEIGHTS_DIR / "dea-net-s.safetensors") is None
+
+
+def test_names_from_files_never_import():
+    assert backbones.registered_name("dea-net-t", "adapter x") == "dea-net-t"
+    for bad in ("os:abort", "subprocess:getoutput", 3, None, "no-such-net"):
+        with pytest.raises(UserError) as err:
+            backbones.registered_name(bad, "adapter x")
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="--backbone os:abort"):
+        backbones.registered_name("os:abort", "adapter x")

@@ -7,7 +7,17 @@
 A name is either a registered backbone (see :func:`list_backbones`) or
 ``package.module:factory``, a callable returning an ``nn.Module`` that maps
 (N, 3, H, W) RGB in [0, 1] to the same. Every loaded model carries a
-``bilalora_info`` dict (name, weights source, pad multiple) used in records.
+``bilalora_info`` dict (name, weights source, pad multiple, input normalisation)
+used in records.
+
+Weights that expect normalised input (the paper's release: CLIP mean/std) get
+the normalisation folded into the network (:mod:`bilalora.backbones.normalize`),
+so every model bilalora hands out takes [0, 1] RGB.
+
+Trust: a ``package.module:factory`` name imports and runs code, so it is
+accepted only where the user typed it (``--backbone``, or a direct call).
+Names read from files (adapter metadata, run summaries, ``model.json``) go
+through :func:`registered_name`, which never imports anything.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ __all__ = [
     "load",
     "shipped_weights",
     "default_backbone",
+    "registered_name",
     "WEIGHTS_DIR",
 ]
 
@@ -93,6 +104,28 @@ def get_spec(name: str) -> BackboneSpec:
     raise UserError(f"unknown backbone '{name}' (--backbone): use one of {known} or 'package.module:factory'")
 
 
+def registered_name(name: object, where: str) -> str:
+    """Check a backbone name read from a file: it must be a registered name (nothing is imported).
+
+    Args:
+        name: the recorded name (e.g. adapter metadata ``backbone``).
+        where: what recorded it, for the message (e.g. ``"adapter day.safetensors"``).
+
+    Raises:
+        UserError: the name is not a string or not registered; a ``module:factory``
+            recorded in a file is refused and the user is told to name it with ``--backbone``.
+    """
+    if isinstance(name, str) and name in _REGISTRY:
+        return name
+    if isinstance(name, str) and ":" in name:
+        raise UserError(
+            f"{where} names backbone '{name}', a factory; bilalora never imports code named in a file: "
+            f"pass --backbone {name} on the command line if you trust it"
+        )
+    known = ", ".join(_REGISTRY)
+    raise UserError(f"{where} names backbone {name!r}, which is not registered (registered: {known})")
+
+
 def shipped_weights(name: str) -> Optional[Path]:
     """Path of the weights shipped for a registered backbone, if present on disk.
 
@@ -132,11 +165,12 @@ def create(name: str, **kwargs):
         "weights": "random",
         "pad_multiple": int(getattr(model, "pad_multiple", spec.pad_multiple)),
         "default_sites": list(sites) if sites is not None else None,
+        "input_norm": None,
     }
     return model
 
 
-def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, **kwargs):
+def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, input_norm=None, **kwargs):
     """Build a backbone and load weights; returns the model in eval mode on the CPU.
 
     Args:
@@ -145,9 +179,16 @@ def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, **k
             shipped default weights when the backbone has them (else random
             init, recorded as ``bilalora_info["weights"] == "random"``);
             ``"random"`` forces random init.
+        input_norm: what input the weights expect. ``None``/``"auto"``: what
+            the weights file or its card records, else plain [0, 1];
+            ``"none"``: plain [0, 1]; ``"clip"``: CLIP mean/std; ``"m,s"`` /
+            six numbers / ``(mean, std)``: those statistics. A normalisation is
+            folded into the network (the model still takes (N, 3, H, W) RGB in
+            [0, 1]) and recorded as ``bilalora_info["input_norm"]``.
         kwargs: passed to the factory (e.g. ``width=8``).
     """
     from .checkpoint import load_into, read_state_dict
+    from .normalize import fold_input_norm, resolve_input_norm
 
     model = create(name, **kwargs)
     if weights is None and not kwargs:
@@ -156,6 +197,9 @@ def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, **k
         state = read_state_dict(weights)
         load_into(model, state, source=f"weights {weights}")
         model.bilalora_info["weights"] = str(weights)
+    norm = resolve_input_norm(input_norm, weights)
+    if norm is not None:
+        fold_input_norm(model, norm["mean"], norm["std"])
     return model.eval()
 
 
