@@ -29,7 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import ImageDecodeError, augment, list_images, load_image
+from .data import augment
+from .images import ImageDecodeError, list_images, load_image
 from .errors import UserError
 from .synthesis import HazeRanges, depth_from_image, synthesize
 

@@ -157,7 +157,7 @@ def depth_from_image(depth_image: np.ndarray) -> np.ndarray:
     """Turn a decoded depth image into relative depth in [0, 1] (brighter = farther).
 
     Args:
-        depth_image: (H, W) or (H, W, C) float array (e.g. from :func:`bilalora.data.load_image`).
+        depth_image: (H, W) or (H, W, C) float array (e.g. from :func:`bilalora.images.load_image`).
 
     Returns:
         float32 (H, W), min-max normalised (zeros when the map is constant).

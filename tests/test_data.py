@@ -1,4 +1,4 @@
-"""Tests for bilalora.data: listing, decoding, folder loading, splits, crops, batches."""
+"""Tests for bilalora.images (listing, decoding, folders) and bilalora.data (splits, crops, batches)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,16 @@ import pytest
 from PIL import Image
 
 from bilalora.data import (
-    IMAGE_SUFFIXES,
     CropBatches,
-    ImageDecodeError,
-    ImageFolder,
     augment,
     center_square_crop,
-    list_images,
-    load_image,
     random_square_crop,
     split_half,
     val_batches,
 )
+from bilalora.images import IMAGE_SUFFIXES, ImageDecodeError, ImageFolder, is_image_path, list_images, load_image
 from bilalora.errors import UserError
+from conftest import run_without_torch  # tests/ is on sys.path under pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 224
@@ -420,6 +417,33 @@ def test_val_batches():
     again = val_batches(images, crop=CROP, batch_size=2)
     assert all(torch.equal(a, b) for a, b in zip(out, again))
     assert all(0.0 <= float(b.min()) and float(b.max()) <= 1.0 for b in out)
+
+
+def test_images_import_where_torch_cannot():
+    """bilalora.images serves the torch-free runtime: it must import and decode where ``import torch`` fails."""
+    code = (
+        "import numpy as np, tempfile, os\n"
+        "from PIL import Image\n"
+        "import bilalora.images as im, bilalora.data\n"
+        "d = tempfile.mkdtemp(); Image.fromarray(np.full((4, 6, 3), 255, np.uint8)).save(os.path.join(d, 'a.png'))\n"
+        "x = im.load_image(os.path.join(d, 'a.png')); assert x.shape == (4, 6, 3) and float(x.max()) == 1.0\n"
+    )
+    result = run_without_torch(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_data_reexports_the_reading_side_from_images():
+    import bilalora.data as data
+    import bilalora.images as images
+
+    for name in ("IMAGE_SUFFIXES", "ImageDecodeError", "ImageFolder", "downsize", "list_images", "load_image"):
+        assert getattr(data, name) is getattr(images, name)
+
+
+def test_is_image_path_by_name_only(tmp_path):
+    assert is_image_path("x/photo.JPG") and is_image_path(tmp_path / "never-written.webp")
+    assert not is_image_path("x/._photo.jpg") and not is_image_path("clip.mp4") and not is_image_path("notes")
+    assert IMAGE_SUFFIXES + (".mp4",) == (*IMAGE_SUFFIXES, ".mp4")  # a tuple: concatenates with video suffixes
 
 
 def test_import_without_torch():
