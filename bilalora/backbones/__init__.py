@@ -69,6 +69,13 @@ class BackboneSpec:
         weights_file: file name under :data:`WEIGHTS_DIR` of shipped weights, if any.
         pad_multiple: H and W must be multiples of this.
         kwargs: keyword arguments passed to ``factory``.
+        train_kwargs: extra ``factory`` keyword arguments building the training form
+            (e.g. DEA-Net's DEConv form, ``{"train_form": True}``); None: trained as built.
+        to_plain: ``to_plain(model) -> model`` turns a training-form network into the plain
+            inference form (a new module; the input is not modified); None: already plain.
+        lift_state: ``lift_state(model, plain_state) -> state`` maps a plain state dict into
+            the training form of ``model`` computing the same function (to continue from
+            plain weights); None: the plain keys are the training keys.
     """
 
     name: str
@@ -78,6 +85,9 @@ class BackboneSpec:
     weights_file: Optional[str] = None
     pad_multiple: int = 4
     kwargs: dict = field(default_factory=dict)
+    train_kwargs: Optional[dict] = None
+    to_plain: Optional[Callable] = None
+    lift_state: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -197,9 +207,11 @@ def load(name: str = "dea-net", weights: Optional[str | os.PathLike] = None, inp
         state = read_state_dict(weights)
         load_into(model, state, source=f"weights {weights}")
         model.bilalora_info["weights"] = str(weights)
-    norm = resolve_input_norm(input_norm, weights)
+    norm, origin = resolve_input_norm(input_norm, weights, with_origin=True)
     if norm is not None:
         fold_input_norm(model, norm["mean"], norm["std"])
+    # "flag": chosen by the caller; "weights": recorded by the file; "default": nothing said, plain [0, 1]
+    model.bilalora_info["input_norm_source"] = origin
     return model.eval()
 
 
@@ -221,6 +233,26 @@ def _dea_net(width: int = 32, train_form: bool = False):
     return DEANet(width=width, train_form=train_form)
 
 
+def _dea_net_to_plain(model):
+    from .dea_net import reparameterize
+
+    return reparameterize(model) if model.train_form else model
+
+
+def _dea_net_lift_state(model, plain_state: dict) -> dict:
+    from .dea_net import lift_plain_state
+
+    return lift_plain_state(model, plain_state) if model.train_form else plain_state
+
+
+#: Training hooks shared by every DEA-Net entry (DEConv training form, re-parameterised to plain).
+_DEA_NET_TRAINING = {
+    "train_kwargs": {"train_form": True},
+    "to_plain": _dea_net_to_plain,
+    "lift_state": _dea_net_lift_state,
+}
+
+
 register(
     BackboneSpec(
         "dea-net",
@@ -228,6 +260,7 @@ register(
         "DEA-Net, width 32 (3.65 M params), plain inference form",
         DEA_NET_SEARCH_SITES,
         weights_file="dea-net.safetensors",
+        **_DEA_NET_TRAINING,
     )
 )
 register(
@@ -237,6 +270,7 @@ register(
         "DEA-Net, width 32, DEConv training form (re-parameterises into dea-net)",
         DEA_NET_SEARCH_SITES,
         kwargs={"train_form": True},
+        **_DEA_NET_TRAINING,
     )
 )
 register(
@@ -247,6 +281,7 @@ register(
         DEA_NET_SEARCH_SITES,
         weights_file="dea-net-s.safetensors",
         kwargs={"width": 16},
+        **_DEA_NET_TRAINING,
     )
 )
 register(
@@ -256,5 +291,6 @@ register(
         "DEA-Net, width 8 (0.23 M params), tiny: smoke tests and microcontrollers",
         DEA_NET_SEARCH_SITES,
         kwargs={"width": 8},
+        **_DEA_NET_TRAINING,
     )
 )

@@ -160,17 +160,23 @@ def recorded_input_norm(weights: str | Path | None) -> Optional[dict] | str:
     return "unknown"
 
 
-def resolve_input_norm(choice: InputNorm, weights: str | Path | None) -> Optional[dict]:
+def resolve_input_norm(choice: InputNorm, weights: str | Path | None, with_origin: bool = False):
     """The input normalisation to fold for ``weights`` given the user's ``choice``.
 
     An explicit choice wins ("none", "clip", numbers); ``None``/"auto" takes what
     the weights record (:func:`recorded_input_norm`) and plain [0, 1] when they record nothing.
+
+    Returns:
+        ``None`` or ``{"mean", "std"}``; with ``with_origin``, a pair (that, origin) where
+        origin is ``"flag"`` (explicit choice), ``"weights"`` (recorded) or ``"default"``.
     """
     parsed = parse_input_norm(choice)
     if parsed != "auto":
-        return parsed
-    recorded = recorded_input_norm(weights)
-    return None if recorded == "unknown" else recorded
+        norm, origin = parsed, "flag"
+    else:
+        recorded = recorded_input_norm(weights)
+        norm, origin = (None, "default") if recorded == "unknown" else (recorded, "weights")
+    return (norm, origin) if with_origin else norm
 
 
 def fold_input_norm(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
