@@ -84,27 +84,36 @@ def _latency_table(result) -> tuple[Table, list[str]]:
     return table, notes
 
 
+def _number(value) -> str:
+    return f"{value:.3f}" if value is not None else "-"
+
+
 def _quality_tables(result) -> list[Table]:
-    """Mean scores per output, and the share of images where each adapted output beats the base."""
+    """Mean scores per row, and the share of images where each row beats the base (and the base+stretch row)."""
     quality = result.quality
-    table = Table(title=f"quality, mean over {result.record['images']['count']} image(s)", title_justify="left")
+    images = result.record["images"]
+    seen = ", ".join(f"{n} {k}" for k, n in images.get("seen_by_run", {}).items())
+    table = Table(title=f"quality, mean over {images['count']} image(s) ({images['split']}; seen by the run: {seen})",
+                  title_justify="left")  # fmt: skip
     table.add_column("output")
     for metric in quality.metrics:
         table.add_column(f"{metric.name} {_ARROWS[metric.direction]}".strip(), justify="right")
     for subject in quality.subjects:
         mean = quality.mean(subject)
-        table.add_row(escape(subject), *[f"{mean[m.name]:.3f}" for m in quality.metrics])
+        table.add_row(escape(subject), *[_number(mean.get(m.name)) for m in quality.metrics])
     tables = [table]
-    others = [s for s in quality.subjects if s not in ("base", "input")]
-    if "base" in quality.subjects and others:
-        ranked = [m for m in quality.metrics if m.direction != "none"]
-        wins = Table(title="better than base on (share of images)", title_justify="left")
+    ranked = [m for m in quality.metrics if m.direction != "none"]
+    for reference in ("base", "base+stretch"):
+        others = [s for s in quality.subjects if s not in (reference, "input") and not s.startswith(reference + "+")]
+        if reference not in quality.subjects or not others or not ranked:
+            continue
+        wins = Table(title=f"better than {reference} on (share of images)", title_justify="left")
         wins.add_column("output")
         for metric in ranked:
             wins.add_column(metric.name, justify="right")
         for subject in others:
-            shares = quality.wins(subject, "base")
-            wins.add_row(escape(subject), *[f"{100 * shares[m.name]:.0f}%" for m in ranked])
+            shares = quality.wins(subject, reference)
+            wins.add_row(escape(subject), *[f"{100 * shares[m.name]:.0f}%" if m.name in shares else "-" for m in ranked])
         tables.append(wins)
     return tables
 
@@ -116,13 +125,14 @@ def bench_command(
     base: bool = typer.Option(True, "--base/--no-base", help="Include the unadapted base network."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Base network (default: the run's)."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights (default: the run's)."),
-    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Images to score (default: the run's validation half)."),
+    images: Optional[Path] = typer.Option(None, "--images", "-i", help="Images to score (default: the run's held-out test split)."),
     max_images: int = typer.Option(0, "--max-images", help="Score at most this many images (0: all)."),
     max_side: int = typer.Option(1024, "--max-side", help="Downsize images to this longer side first (0: keep)."),
     metrics: str = typer.Option("fade,entropy,dcd,colourfulness,ag,brightness", "--metrics", help="Built-in metrics, comma-separated (empty: no quality)."),
     iqa: Optional[str] = typer.Option(None, "--iqa", help="pyiqa metrics, comma-separated (musiq, niqe, brisque, piqe, ...)."),
     dcp: bool = typer.Option(False, "--dcp", help="Score the dark channel prior baseline too."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnx, onnx-fp16, tensorrt (default: all)."),
+    stretch: bool = typer.Option(True, "--stretch/--no-stretch", help="Score the base followed by a 1-99 % contrast stretch (per channel, and global)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, tensorrt (default: all)."),
     size: str = typer.Option("512x512", "--size", help="Input HxW of the latency runs."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
     runs: int = typer.Option(20, "--runs", help="Timed runs per backend."),
@@ -132,13 +142,13 @@ def bench_command(
     report: Optional[Path] = typer.Option(None, "--report", "-o", help="Output folder (default: <run>/bench)."),
     sheet: int = typer.Option(6, "--sheet", help="Images in the contact sheet sheet.jpg (0: none)."),
 ) -> None:  # fmt: skip
-    """Benchmark adapted vs. unadapted: parameters, FLOPs, latency per backend, no-reference quality."""
+    """Benchmark adapted vs. unadapted: parameters, FLOPs, latency per format, no-reference quality on held-out images."""
     from bilalora.bench.pipeline import BenchOptions, run_bench
 
     options = BenchOptions(
         adapters=adapter or [], models=model or [], backbone=backbone, weights=weights, include_base=base,
         images=images, max_images=max_images, max_side=max_side, metrics=_split(metrics), iqa=_split(iqa),
-        dcp=dcp, backends=_split(backends) or None, size=parse_hw(size, "--size", example="512x512"), warmup=warmup, runs=runs,
+        dcp=dcp, stretch=stretch, backends=_split(backends) or None, size=parse_hw(size, "--size", example="512x512"), warmup=warmup, runs=runs,
         device=resolve_device(device), providers=_split(providers) or None, threads=threads, report=report,
         sheet=sheet,
     )  # fmt: skip
@@ -161,3 +171,5 @@ def bench_command(
     console.print(f"record: {escape(str(result.record_path))}", soft_wrap=True)
     if result.sheet_path:
         console.print(f"contact sheet: {escape(str(result.sheet_path))}", soft_wrap=True)
+    if result.figure_path:
+        console.print(f"metrics figure: {escape(str(result.figure_path))}", soft_wrap=True)

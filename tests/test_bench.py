@@ -1,4 +1,5 @@
-"""``bilalora bench``: subjects from the newest run, latency rows per backend, quality tables, bench.json."""
+"""``bilalora bench``: subjects from the newest run, held-out images, latency rows per format, quality tables
+with classical rows, bench.json, the metrics figure; bad input named, never a traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bilalora.bench.latency import time_callable
+from bilalora.baselines.stretch import stretch_channels, stretch_global
 from bilalora.bench.quality import load_images, torch_dehazer
 from bilalora.cli.app import app
 from bilalora.metrics import fade
@@ -33,8 +35,11 @@ def exported_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     run = root / "runs" / "adapt" / "exp"
     make_adapter_run(run)
-    paths = write_hazy_images(root / "hazy", count=4, size=(40, 52))
-    (run / "split.json").write_text(json.dumps({"seed": 0, "train": [], "val": [str(p) for p in paths]}))
+    paths = write_hazy_images(root / "hazy", count=8, size=(40, 52))
+    names = [p.name for p in paths]
+    # paths relative to images_root, itself relative to the run folder: the run can be moved with its images
+    split = {"seed": 0, "images_root": "../../../hazy", "train": names[:4], "val": names[4:6], "test": names[6:]}
+    (run / "split.json").write_text(json.dumps(split))
     run_export(ExportOptions(adapter=run / "adapter.safetensors", out=run / "export", fp16=True,
                              parity_sizes=((32, 32),), slim=False))  # fmt: skip
     return root
@@ -67,13 +72,23 @@ def test_bench_chains_from_the_newest_run(workdir):
 
     quality = record["quality"]
     assert quality["metrics"]["piqe"] == "lower" and quality["metrics"]["fade"] == "lower"
-    assert set(quality["mean"]) == {"input", "base", "adapted", "dcp"}
-    assert len(quality["per_image"]) == 4 and record["images"]["count"] == 4
-    # the wins are the per-image comparisons
+    assert set(quality["mean"]) == {"input", "base", "adapted", "dcp", "base+stretch", "base+stretch-global"}
+    # the default images are the run's held-out test split, and the record says the run never trained on them
+    images = record["images"]
+    assert images["split"] == "test" and images["count"] == 2 and images["seen_by_run"] == {"test": 2}
+    assert sorted(i["name"] for i in images["scored"]) == ["hazy_06.png", "hazy_07.png"]
+    assert all(i["seen_by_run"] == "test" for i in images["scored"])
+    assert len(quality["per_image"]) == 2
+    # the wins are the per-image comparisons, against the base and against the base+stretch row
     per_image = quality["per_image"].values()
     expected = np.mean([row["adapted"]["fade"] < row["base"]["fade"] for row in per_image])
     assert quality["wins_vs_base"]["adapted"]["fade"] == pytest.approx(expected)
+    expected = np.mean([row["adapted"]["fade"] < row["base+stretch"]["fade"] for row in per_image])
+    assert quality["wins_vs_base+stretch"]["adapted"]["fade"] == pytest.approx(expected)
+    assert "better than base+stretch" in result.output
     assert (workdir / "runs/adapt/exp/bench/sheet.jpg").is_file()
+    figure = workdir / "runs/adapt/exp/bench/metrics.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and record["figure"] == str(figure.relative_to(workdir))
 
 
 def test_quality_scores_are_those_of_the_networks_outputs(workdir):
@@ -89,10 +104,17 @@ def test_quality_scores_are_those_of_the_networks_outputs(workdir):
     merged = Adapter.load(workdir / "runs/adapt/exp/adapter.safetensors").merge_into(base)
     torch.set_num_threads(1)
     split = json.loads((workdir / "runs/adapt/exp/split.json").read_text())
-    images, _ = load_images([Path(p) for p in split["val"]], 1024)
+    images, _ = load_images([workdir / "hazy" / name for name in split["test"]], 1024)
     name, image = images[0]
     expected = fade(torch_dehazer(merged, "cpu")(image))
     assert record["quality"]["per_image"][name]["adapted"]["fade"] == pytest.approx(expected, rel=1e-6)
+    # the stretch rows are the base's output, stretched
+    base = backbones.load("dea-net-t", weights=workdir / "runs/adapt/exp/base.safetensors")  # merge_into changed it
+    base_out = torch_dehazer(base, "cpu")(image)
+    assert record["quality"]["per_image"][name]["base+stretch"]["fade"] == pytest.approx(
+        fade(stretch_channels(base_out)), rel=1e-6)
+    assert record["quality"]["per_image"][name]["base+stretch-global"]["fade"] == pytest.approx(
+        fade(stretch_global(base_out)), rel=1e-6)
     assert [r["backend"] for r in record["latency"]["rows"]] == ["torch", "torch"]
 
 
@@ -151,3 +173,179 @@ def test_time_callable_counts_and_syncs():
     timing = time_callable(lambda: calls.append(1), warmup=2, runs=5, sync=lambda: syncs.append(1))
     assert len(calls) == 7 and len(syncs) == 6 and timing.runs == 5
     assert 0 <= timing.min <= timing.p50 <= timing.p90
+
+
+# --------------------------------------------------------------------------- which images
+
+
+def test_an_old_run_without_a_test_split_falls_back_to_validation_with_a_note(workdir):
+    split = workdir / "runs/adapt/exp/split.json"
+    old = [str(workdir / "hazy" / f"hazy_0{i}.png") for i in range(6)]
+    split.write_text(json.dumps({"seed": 0, "train": old[:3], "val": old[3:]}))  # paths as typed, no test
+    result = _invoke(*FAST, "--backends", "torch", "--metrics", "entropy", "--sheet", "0", "--no-stretch")
+    assert result.exit_code == 0, result.output
+    assert "has no test split" in result.output
+    record = json.loads((workdir / "runs/adapt/exp/bench/bench.json").read_text())
+    assert record["images"]["split"] == "val" and record["images"]["seen_by_run"] == {"val": 3}
+    assert "base+stretch" not in record["quality"]["mean"]
+
+
+def test_images_folder_says_which_images_the_run_saw(workdir):
+    result = _invoke(*FAST, "--backends", "torch", "--metrics", "entropy", "--sheet", "0", "--images", "hazy",
+                     "--report", "r")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "6 of 8 images were used by" in result.output and "not held out" in result.output
+    record = json.loads((workdir / "r" / "bench.json").read_text())
+    assert record["images"]["split"] == "folder"
+    assert record["images"]["seen_by_run"] == {"train": 4, "val": 2, "test": 2}
+    seen = {i["name"]: i["seen_by_run"] for i in record["images"]["scored"]}
+    assert seen["hazy_00.png"] == "train" and seen["hazy_05.png"] == "val" and seen["hazy_07.png"] == "test"
+
+
+def test_unseen_folder_is_marked_unseen(workdir):
+    write_hazy_images(workdir / "other", count=2, size=(36, 44), seed=5)
+    result = _invoke(*FAST, "--backends", "torch", "--metrics", "entropy", "--sheet", "0", "--images", "other",
+                     "--report", "r")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((workdir / "r" / "bench.json").read_text())
+    assert record["images"]["seen_by_run"] == {"unseen": 2} and "not held out" not in result.output
+
+
+def test_images_are_checked_before_the_latency_pass(workdir, monkeypatch):
+    import bilalora.bench.pipeline as pipeline
+
+    timed = []
+    monkeypatch.setattr(pipeline, "time_backend", lambda *a, **k: timed.append(a) or pytest.fail("timed"))
+    result = _invoke(*FAST, "--images", "nowhere")
+    assert result.exit_code == 2 and "--images nowhere" in result.output and timed == []
+    (workdir / "runs/adapt/exp/split.json").write_text(json.dumps({"images_root": "gone", "test": ["a.png"]}))
+    result = _invoke(*FAST)
+    assert result.exit_code == 2 and "none of its test images exist" in result.output and timed == []
+    (workdir / "runs/adapt/exp/split.json").write_text("{not json")
+    result = _invoke(*FAST)
+    assert result.exit_code == 2 and "split.json: not readable JSON" in result.output and timed == []
+
+
+def test_tiny_images_are_edge_padded_and_scored(workdir):
+    import cv2
+
+    folder = workdir / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (8, 8), (12, 30), (5, 17)):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"t{height}x{width}.png"), image)
+    result = _invoke(*FAST, "--backends", "torch", "--metrics", "fade,entropy", "--images", "tiny", "--sheet", "4",
+                     "--report", "r")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    record = json.loads((workdir / "r" / "bench.json").read_text())
+    assert record["images"]["count"] == 4 and record["images"]["skipped"] == []
+    per_image = record["quality"]["per_image"]
+    assert per_image["t1x1.png"]["adapted"]["fade"] is None  # undefined on one pixel: left out, not NaN
+    defined = [row["adapted"]["fade"] for row in per_image.values() if row["adapted"]["fade"] is not None]
+    assert per_image["t12x30.png"]["adapted"]["fade"] is not None and len(defined) < 4
+    assert record["quality"]["count"]["adapted"] == {"fade": len(defined), "entropy": 4}
+    assert record["quality"]["mean"]["adapted"]["fade"] == pytest.approx(np.mean(defined))
+
+
+def test_torch_dehazer_keeps_the_size_of_tiny_frames():
+    from bilalora import backbones
+
+    model = backbones.load("dea-net-t", weights="random")
+    run = torch_dehazer(model, "cpu")
+    for shape in ((1, 1, 3), (3, 13, 3), (16, 16, 3), (17, 22, 3)):
+        out = run(np.full(shape, 128, np.uint8))
+        assert out.shape == shape and out.dtype == np.uint8
+
+
+def test_bad_corpus_every_bad_file_named_every_good_file_scored(workdir):
+    from bad_corpus import make_bad_corpus
+
+    corpus = make_bad_corpus(workdir / "mixed")
+    result = _invoke(*FAST, "--backends", "torch", "--metrics", "entropy,brightness", "--images", "mixed",
+                     "--sheet", "0", "--no-stretch", "--report", "r")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    record = json.loads((workdir / "r" / "bench.json").read_text())
+    skipped = {s["name"]: s["reason"] for s in record["images"]["skipped"]}
+    assert sorted(skipped) == corpus["bad"]
+    assert all(reason for reason in skipped.values())
+    assert sorted(i["name"] for i in record["images"]["scored"]) == corpus["good"]
+    assert set(record["quality"]["per_image"]) == set(corpus["good"])
+    for name in corpus["bad"]:
+        assert f"skipped {name}" in " ".join(result.output.split())
+
+
+# --------------------------------------------------------------------------- exports that must not be timed
+
+
+def _export_record(workdir: Path) -> tuple[Path, dict]:
+    path = workdir / "runs/adapt/exp/export/model.json"
+    return path, json.loads(path.read_text())
+
+
+def test_a_malformed_model_json_is_named_not_swallowed(workdir):
+    path, record = _export_record(workdir)
+    record["input"]["pad_multiple"] = "four"
+    path.write_text(json.dumps(record))
+    result = _invoke(*FAST, "--metrics", "", "--backends", "torch,onnx")
+    assert result.exit_code == 0, result.output
+    assert "not timed" in result.output and "pad_multiple" in result.output
+    result = _invoke(*FAST, "--model", "runs/adapt/exp/export", "--metrics", "", "--backends", "onnx")
+    assert result.exit_code == 2 and "pad_multiple" in result.output and "Traceback" not in result.output
+
+
+def test_a_swapped_artefact_is_not_timed(workdir):
+    export = workdir / "runs/adapt/exp/export"
+    (export / "model.onnx").write_bytes((export / "model_fp16.onnx").read_bytes())
+    result = _invoke(*FAST, "--metrics", "", "--backends", "onnx,onnx-fp16", "--no-base")
+    assert result.exit_code == 0, result.output
+    record = json.loads((workdir / "runs/adapt/exp/bench/bench.json").read_text())
+    rows = {r["backend"]: r for r in record["latency"]["rows"]}
+    assert rows["onnx"]["status"].startswith("failed") and "sha256" in rows["onnx"]["status"]
+    assert rows["onnx"]["ms"] is None and rows["onnx-fp16"]["status"] == "OK"
+
+
+def test_an_artefact_that_failed_its_gate_is_not_timed(workdir):
+    path, record = _export_record(workdir)
+    record["artefacts"]["model_fp16.onnx"]["parity"]["passed"] = False
+    record["artefacts"]["model_fp16.onnx"]["parity"]["psnr_db"] = 21.5
+    path.write_text(json.dumps(record))
+    result = _invoke(*FAST, "--metrics", "", "--backends", "onnx-fp16,onnx-int8,openvino,openvino-int8", "--no-base")
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads((workdir / "runs/adapt/exp/bench/bench.json").read_text())
+            ["latency"]["rows"]}  # fmt: skip
+    assert rows["onnx-fp16"]["status"] == "skipped: model_fp16.onnx failed its parity gate at export (21.5 dB); not shipped"
+    assert "bilalora export --int8" in rows["onnx-int8"]["status"]
+    assert "bilalora export --openvino" in rows["openvino"]["status"]
+    assert "bilalora export --int8" in rows["openvino-int8"]["status"]
+
+
+# --------------------------------------------------------------------------- classical rows
+
+
+def test_stretch_maps_percentiles_to_black_and_white():
+    rng = np.random.default_rng(1)
+    image = np.empty((64, 64, 3), np.uint8)
+    image[..., 0] = rng.integers(60, 120, (64, 64))
+    image[..., 1] = rng.integers(100, 200, (64, 64))
+    image[..., 2] = rng.integers(150, 160, (64, 64))
+    out = stretch_channels(image)
+    for channel in range(3):
+        lo, hi = np.percentile(out[..., channel], [1, 99])
+        assert lo <= 3 and hi >= 252  # each channel now spans the range
+    grey = stretch_global(image)
+    # one affine map for all channels (where nothing clipped): out = a * in + b with the same a, b
+    inside = ((grey > 0) & (grey < 255)).reshape(-1)
+    gain, offset = np.polyfit(image.reshape(-1)[inside].astype(float), grey.reshape(-1)[inside].astype(float), 1)
+    assert gain > 1.5 and np.abs(gain * image.reshape(-1)[inside] + offset - grey.reshape(-1)[inside]).max() <= 1.0
+    luma = image.astype(float) @ [0.299, 0.587, 0.114]
+    assert gain == pytest.approx(255 / np.subtract(*np.percentile(luma, [99, 1])), rel=0.01)
+    assert grey[..., 2].mean() > grey[..., 0].mean()  # the colour order is kept
+    flat = np.full((8, 8, 3), 77, np.uint8)
+    assert np.array_equal(stretch_channels(flat), flat) and np.array_equal(stretch_global(flat), flat)
+    floats = stretch_channels(image.astype(np.float32) / 255)
+    assert floats.dtype == np.float32 and np.abs(floats * 255 - out).max() <= 1.0
+    with pytest.raises(ValueError):
+        stretch_channels(image, 50, 40)

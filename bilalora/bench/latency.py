@@ -1,9 +1,13 @@
-"""Latency of one forward pass per backend: PyTorch, onnxruntime (fp32, fp16 graphs), TensorRT.
+"""Latency of one forward pass per format: PyTorch, onnxruntime (fp32, fp16, int8), OpenVINO, TensorRT.
 
-Each backend is timed on the same random ``(1, 3, H, W)`` input: ``warmup``
-untimed runs, then ``runs`` timed ones (CUDA work is synchronised before the
-clock stops). Rows carry an Ultralytics-style status: ``OK``, ``skipped: why``
-or ``failed: why``, so one missing backend never hides the others.
+:data:`FORMATS` is the one table of what can be timed: each format names its
+artefact in the export folder (model.json entry keyed by file name) and the
+runtime backend that runs it. Each is timed on the same random ``(1, 3, H, W)``
+input in [0, 1]: ``warmup`` untimed runs, then ``runs`` timed ones (CUDA work is
+synchronised before the clock stops). Rows carry an Ultralytics-style status:
+``OK``, ``skipped: why`` or ``failed: why``, so one missing backend never hides
+the others. An artefact that failed its parity gate at export, or whose sha256
+no longer matches model.json, is not timed (the row says why).
 """
 
 from __future__ import annotations
@@ -15,15 +19,46 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["BACKENDS", "Timing", "time_callable", "LatencyRow", "time_backend"]
+from ..errors import UserError
 
-#: Backends in table order: (name, artefact in the export folder or None for PyTorch).
-BACKENDS = {
-    "torch": None,
-    "onnx": "model.onnx",
-    "onnx-fp16": "model_fp16.onnx",
-    "tensorrt": "model.engine",
+__all__ = ["Format", "FORMATS", "BACKENDS", "Timing", "time_callable", "LatencyRow", "time_backend"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A row kind of the latency table.
+
+    Attributes:
+        name: the ``--backends`` name and table label.
+        artefact: file in the export folder (None: the PyTorch network itself).
+        engine: "torch", "onnxruntime", "openvino" or "tensorrt".
+        precision: what the row's numbers are computed in ("fp32", "fp16", "int8", "auto").
+        hint: the export flag that writes the artefact.
+    """
+
+    name: str
+    artefact: Optional[str]
+    engine: str
+    precision: str
+    hint: str = ""
+
+
+#: Formats in table order.
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("torch", None, "torch", "fp32"),
+        Format("onnx", "model.onnx", "onnxruntime", "fp32", "bilalora export"),
+        Format("onnx-fp16", "model_fp16.onnx", "onnxruntime", "fp16", "bilalora export --fp16"),
+        Format("onnx-int8", "model_int8.onnx", "onnxruntime", "int8", "bilalora export --int8"),
+        Format("openvino", "model.xml", "openvino", "auto", "bilalora export --openvino"),
+        Format("openvino-int8", "model_int8.onnx", "openvino", "int8", "bilalora export --int8"),
+        Format("tensorrt", "model.engine", "tensorrt", "auto", "bilalora export --trt"),
+    )
 }
+
+#: Format name -> artefact file (None for PyTorch); kept for callers that only need the files.
+BACKENDS = {name: f.artefact for name, f in FORMATS.items()}
 
 
 @dataclass
@@ -99,6 +134,8 @@ class LatencyRow:
 def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: int) -> tuple[Timing, str]:
     import torch
 
+    from bilalora.devices import device_name
+
     model = model.to(device).eval()
     probe = torch.rand(1, 3, *size, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
@@ -107,13 +144,73 @@ def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: 
         with torch.no_grad():
             model(probe)
 
-    timing = time_callable(forward, warmup, runs, sync)
-    model.to("cpu")
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        name = f"CPU, {torch.get_num_threads()} thread(s)"
-    return timing, f"PyTorch {torch.__version__} on {name}"
+    try:
+        timing = time_callable(forward, warmup, runs, sync)
+    finally:
+        model.to("cpu")
+    return timing, f"PyTorch {torch.__version__} on {device_name(device)}"
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def _gate_failure(entry: Any) -> Optional[str]:
+    """Why a model.json artefact entry must not be timed (removed, or its parity gate failed), else None."""
+    if not isinstance(entry, dict):
+        return "its model.json entry is not an object"
+    parity = entry.get("parity")
+    failed = entry.get("removed") or (isinstance(parity, dict) and parity.get("passed") is False)
+    if not failed:
+        return None
+    psnr = parity.get("psnr_db") if isinstance(parity, dict) else None
+    detail = f" ({psnr:.1f} dB)" if isinstance(psnr, (int, float)) else ""
+    return f"failed its parity gate at export{detail}; not shipped"
+
+
+def _open_engine(fmt: Format, path: Path, record: dict, providers: Optional[list[str]], threads: int):
+    """The runtime backend that runs ``fmt``'s artefact at ``path``."""
+    from bilalora.runtime import backends
+
+    if fmt.engine == "tensorrt":
+        return backends.TensorRTBackend(path, record=record)
+    if fmt.engine == "openvino":
+        return backends.OpenVINOBackend(path, precision=fmt.precision, threads=threads)
+    return backends.OnnxBackend(path, providers=providers, threads=threads)
+
+
+def _artefact(subject, fmt: Format, row: "LatencyRow") -> Optional[tuple[Path, dict]]:
+    """The verified artefact path and the export's record, or None with ``row.status`` saying why."""
+    from bilalora.runtime.model_json import load_record, resolve_artefact
+
+    if subject.export is None:
+        hint = "bilalora export --base" if subject.role == "base" else "bilalora export --merge"
+        row.status = f"skipped: no export (run `{hint}`)"
+        return None
+    try:
+        record = load_record(subject.export, required=True)
+    except UserError as exc:
+        row.status = f"failed: {_first_line(exc)}"
+        return None
+    entries = record.get("artefacts") if isinstance(record.get("artefacts"), dict) else {}
+    entry = entries.get(fmt.artefact)
+    if entry is None:
+        row.status = f"skipped: no {fmt.artefact} in {subject.export} (run `{fmt.hint}`)"
+        return None
+    reason = _gate_failure(entry)
+    if reason:
+        row.status = f"skipped: {fmt.artefact} {reason}"
+        return None
+    try:
+        path = resolve_artefact(subject.export, record, fmt.artefact, verify=True)
+    except UserError as exc:
+        row.status = f"failed: {_first_line(exc)}"
+        return None
+    if path is None:
+        row.status = f"skipped: model.json lists {fmt.artefact} but the file is gone (re-run `{fmt.hint}`)"
+        return None
+    return Path(path), record
 
 
 def time_backend(
@@ -127,21 +224,20 @@ def time_backend(
     cost: Optional[dict[str, Any]] = None,
     threads: int = 0,
 ) -> LatencyRow:
-    """Time ``subject`` (a :class:`~.subjects.Subject`) on one backend of :data:`BACKENDS`.
+    """Time ``subject`` (a :class:`~.subjects.Subject`) in one format of :data:`FORMATS`.
 
     Args:
+        backend: a :data:`FORMATS` name.
         size: (H, W) of the timed input; a multiple of the pad multiple (4).
-        device: torch device for the PyTorch backend.
+        device: torch device for the PyTorch row.
         providers: onnxruntime providers (None: the runtime's default order).
         cost: ``{"parameters", "gflops"}`` of the network, copied into the row.
-        threads: onnxruntime intra-op threads (0: its default; PyTorch's are set by the caller).
+        threads: onnxruntime/OpenVINO threads (0: their default; PyTorch's are set by the caller).
     """
-    from bilalora.runtime.backends import OnnxBackend, TensorRTBackend
-
+    fmt = FORMATS[backend]
     row = LatencyRow(subject.name, backend, "OK", parameters=(cost or {}).get("parameters"),
                      gflops=(cost or {}).get("gflops"))  # fmt: skip
-    artefact = BACKENDS[backend]
-    if artefact is None:
+    if fmt.artefact is None:
         if subject.model is None:
             row.status = "skipped: no PyTorch weights for this export"
             return row
@@ -149,35 +245,30 @@ def time_backend(
         try:
             row.timing, row.device = _torch_timing(subject.model, size, device, warmup, runs)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
-            row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            row.status = f"failed: {type(exc).__name__}: {_first_line(exc, 120)}"
         return row
-    if subject.export is None:
-        hint = "bilalora export --base" if subject.role == "base" else "bilalora export --merge"
-        row.status = f"skipped: no export (run `{hint}`)"
+    found = _artefact(subject, fmt, row)
+    if found is None:
         return row
-    path = Path(subject.export) / artefact
-    if not path.is_file():
-        row.status = f"skipped: no {artefact} in {subject.export}"
-        return row
+    path, record = found
     row.file = str(path)
     row.megabytes = round(path.stat().st_size / 2**20, 2)
+    weights = path.with_suffix(".bin")
+    if path.suffix == ".xml" and weights.is_file():  # OpenVINO IR: the graph and its weights file
+        row.megabytes = round((path.stat().st_size + weights.stat().st_size) / 2**20, 2)
     probe = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
     engine = None
     try:
-        if backend == "tensorrt":
-            from bilalora.runtime.model_json import read_sidecar
-
-            engine = TensorRTBackend(path, record=read_sidecar(subject.export))
-        else:
-            engine = OnnxBackend(path, providers=providers, threads=threads)
+        engine = _open_engine(fmt, path, record, providers, threads)
         row.device = engine.device
         if engine.fixed_hw and tuple(engine.fixed_hw) != tuple(size):
             row.status = f"skipped: static {engine.fixed_hw[0]}x{engine.fixed_hw[1]} graph, not {size[0]}x{size[1]}"
         else:
             row.timing = time_callable(lambda: engine.run(probe), warmup, runs)
-    except Exception as exc:  # noqa: BLE001 - UserError (TensorRT missing), onnxruntime errors
-        message = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        row.status = f"skipped: {message}" if type(exc).__name__ == "UserError" else f"failed: {message}"
+    except UserError as exc:  # a missing package or driver (TensorRT, OpenVINO): the row is skipped
+        row.status = f"skipped: {_first_line(exc)}"
+    except Exception as exc:  # noqa: BLE001 - onnxruntime/OpenVINO/CUDA errors: report, time the others
+        row.status = f"failed: {type(exc).__name__}: {_first_line(exc)}"
     finally:
         if engine is not None:
             engine.close()

@@ -1,9 +1,13 @@
-"""The benchmark: subjects -> latency per backend -> quality over images -> bench.json (+ a contact sheet).
+"""The benchmark: subjects -> images -> latency per format -> quality over images -> bench.json.
 
 Defaults chain from the newest adapt run (see :mod:`.subjects`): the images are
-that run's validation half (``split.json``), the report goes to
-``<run>/bench/``. Without a run, ``--images`` and ``--report`` (default
-``runs/bench/exp``, numbered) must be given.
+that run's held-out test split (``split.json``, see :mod:`.selection`), the
+report goes to ``<run>/bench/``. Without a run, ``--images`` and ``--report``
+(default ``runs/bench/exp``, numbered) must be given. The images are checked
+before the (slow) latency pass, so a wrong ``--images`` fails at once.
+
+Beside ``bench.json`` the report folder gets ``sheet.jpg`` (inputs and outputs
+side by side) and ``metrics.png`` (see :mod:`.figure`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .latency import BACKENDS, LatencyRow, time_backend
+from .baselines import STRETCH_ROWS
+from .latency import FORMATS, LatencyRow, time_backend
 from .quality import QualityTable, load_images, resolve_metrics, score_images, torch_dehazer
+from .selection import ImageSelection, select_images
 from .subjects import Subject, resolve_subjects
 
-__all__ = ["BenchOptions", "BenchEvents", "BenchResult", "run_bench", "DEFAULT_METRICS", "RECORD_NAME"]
+__all__ = ["BenchOptions", "BenchEvents", "BenchResult", "run_bench", "DEFAULT_METRICS", "RECORD_NAME",
+           "FIGURE_NAME", "SHEET_NAME"]  # fmt: skip
 
 DEFAULT_METRICS = ("fade", "entropy", "dcd", "colourfulness", "ag", "brightness")
 RECORD_NAME = "bench.json"
+SHEET_NAME = "sheet.jpg"
+FIGURE_NAME = "metrics.png"
 
 
 @dataclass
@@ -34,11 +43,12 @@ class BenchOptions:
         adapters: adapter files (none: the newest run's); models: export folders.
         backbone, weights: the base network (default: from the run's summary).
         include_base: benchmark the unadapted base too.
-        images: folder of images (default: the run's validation half).
+        images: folder of images (default: the run's held-out test split).
         max_images: use at most this many images (0: all); max_side: downsize longer sides to this.
         metrics: built-in metric names; iqa: pyiqa metric names (musiq, niqe, piqe, ...).
         dcp: score the dark channel prior baseline too.
-        backends: subset of :data:`~.latency.BACKENDS` (None: all).
+        stretch: score the base followed by a contrast stretch (per-channel and global rows).
+        backends: subset of :data:`~.latency.FORMATS` (None: all).
         size: (H, W) of the timed input; warmup, runs: timing repetitions.
         device: torch device string (already resolved); providers: onnxruntime providers.
         threads: CPU threads for PyTorch and onnxruntime (0: their defaults).
@@ -58,6 +68,7 @@ class BenchOptions:
     metrics: Sequence[str] = DEFAULT_METRICS
     iqa: Sequence[str] = ()
     dcp: bool = False
+    stretch: bool = True
     backends: Optional[Sequence[str]] = None
     size: tuple[int, int] = (512, 512)
     warmup: int = 3
@@ -71,9 +82,9 @@ class BenchOptions:
 
     def check(self) -> None:
         """Raise a UserError naming the flag of the first invalid value."""
-        unknown = [b for b in (self.backends or ()) if b not in BACKENDS]
+        unknown = [b for b in (self.backends or ()) if b not in FORMATS]
         if unknown:
-            raise UserError(f"--backends {','.join(unknown)}: use some of {', '.join(BACKENDS)}")
+            raise UserError(f"--backends {','.join(unknown)}: use some of {', '.join(FORMATS)}")
         height, width = self.size
         if height < 16 or width < 16 or height % 4 or width % 4:
             raise UserError(f"--size {height}x{width}: use multiples of 4, at least 16")
@@ -114,28 +125,7 @@ class BenchResult:
     record_path: Path
     sheet_path: Optional[Path]
     record: dict[str, Any] = field(default_factory=dict)
-
-
-def _image_paths(options: BenchOptions, run: Optional[Path]) -> tuple[list[Path], str]:
-    from bilalora.data import list_images
-    from bilalora.io import read_json
-
-    if options.images is not None:
-        folder = Path(options.images)
-        if not folder.is_dir():
-            raise UserError(f"--images {folder}: not a folder")
-        paths = list_images(folder)
-        if not paths:
-            raise UserError(f"--images {folder}: no images in this folder")
-        return paths, str(folder)
-    split = run / "split.json" if run is not None else None
-    if split is None or not split.is_file():
-        raise UserError("no --images given and no adapt run with split.json to take the validation images from")
-    paths = [Path(p) for p in read_json(split).get("val", [])]
-    present = [p for p in paths if p.is_file()]
-    if not present:
-        raise UserError(f"{split}: none of its validation images exist any more; pass --images DIR")
-    return present, f"{split} (validation half, {len(present)} of {len(paths)} images present)"
+    figure_path: Optional[Path] = None
 
 
 def _report_dir(options: BenchOptions, run: Optional[Path]) -> Path:
@@ -180,8 +170,65 @@ def _contact_sheet(kept: dict[str, list[np.ndarray]], names: list[str], path: Pa
     return write_bytes_atomic(path, encoded.tobytes())
 
 
+def _dehazers(subjects: list[Subject], options: BenchOptions) -> dict[str, Any]:
+    """Row name -> uint8 RGB -> uint8 RGB for every subject that can run (PyTorch, else its export)."""
+    dehazers: dict[str, Any] = {}
+    for subject in subjects:
+        if subject.model is not None:
+            pad = int(getattr(subject.model, "bilalora_info", {}).get("pad_multiple", 4))
+            dehazers[subject.name] = torch_dehazer(subject.model, options.device, pad)
+        elif subject.export is not None:
+            from bilalora.runtime import Dehazer
+
+            dehazers[subject.name] = Dehazer(subject.export, color="rgb", providers=options.providers,
+                                             threads=options.threads)  # fmt: skip
+    if options.dcp:
+        from .baselines import dcp_row
+
+        dehazers["dcp"] = dcp_row()
+    return dehazers
+
+
+def _quality(options: BenchOptions, subjects: list[Subject], selection: ImageSelection, report: Path,
+             events: BenchEvents) -> tuple[QualityTable, Optional[Path], dict[str, Any]]:  # fmt: skip
+    """Decode the selected images, score every row, draw the contact sheet; the record's "images" section."""
+    paths = selection.paths[: options.max_images] if options.max_images else selection.paths
+    images, undecodable = load_images(paths, options.max_side or None)
+    skipped = list(selection.skipped) + list(undecodable)
+    for name, reason in skipped:
+        events.warn(f"skipped {name}: {reason}")
+    if not images:
+        raise UserError(f"no readable image among {len(paths)} from {selection.origin}")
+    events.info(f"images: {len(images)} from {selection.origin}")
+    metrics = resolve_metrics(options.metrics, options.iqa, options.device)
+    dehazers = _dehazers(subjects, options)
+    derived = {}
+    if options.stretch and "base" in dehazers:
+        from .baselines import stretch_rows
+
+        derived = stretch_rows("base")
+    events.start("quality", len(images))
+    quality, kept = score_images(images, dehazers, metrics, keep=options.sheet, derived=derived,
+                                 on_image=lambda name: events.advance("quality", name))  # fmt: skip
+    events.done("quality")
+    for subject in subjects:
+        if subject.model is not None:
+            subject.model.to("cpu")
+    sheet_path = _contact_sheet(kept, [n for n, _ in images], report / SHEET_NAME) if options.sheet else None
+    names = {Path(p).name: p for p in paths}
+    info = {
+        **selection.summary(),
+        "count": len(images),
+        "max_side": options.max_side,
+        "scored": [{"name": n, "path": str(names[n]), "seen_by_run": selection.seen.get(str(names[n]), "unseen")}
+                   for n, _ in images],  # fmt: skip
+        "skipped": [{"name": n, "reason": r} for n, r in skipped],
+    }
+    return quality, sheet_path, info
+
+
 def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> BenchResult:
-    """Benchmark the subjects; write ``bench.json`` (and ``sheet.jpg``) into the report folder."""
+    """Benchmark the subjects; write ``bench.json`` (``sheet.jpg``, ``metrics.png``) into the report folder."""
     import platform
 
     import bilalora
@@ -199,6 +246,10 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
                                              options.include_base, options.runs_root)  # fmt: skip
     for line in picked:
         events.info(line)
+    # the images are checked before anything slow runs (a wrong --images fails at once)
+    selection = select_images(options.images, run) if (options.metrics or options.iqa) else None
+    for line in selection.notes if selection else ():
+        events.warn(line)
     report = _report_dir(options, run)
     timings: dict[str, float] = {}
 
@@ -210,8 +261,8 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
             cost[subject.name] = {"parameters": measured.parameters, "gflops": round(measured.flops / 1e9, 3),
                                   "gmacs": round(measured.macs / 1e9, 3), "input_hw": list(options.size)}  # fmt: skip
 
-    # ---- latency per backend
-    backends = list(options.backends or BACKENDS)
+    # ---- latency per format
+    backends = list(options.backends or FORMATS)
     tick = time.perf_counter()
     events.start("latency", len(subjects) * len(backends))
     latency: list[LatencyRow] = []
@@ -226,47 +277,18 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
 
     # ---- quality over images
     tick = time.perf_counter()
-    quality, sheet_path, image_info = None, None, None
-    if options.metrics or options.iqa:
-        paths, origin = _image_paths(options, run)
-        if options.max_images:
-            paths = paths[: options.max_images]
-        images, skipped = load_images(paths, options.max_side or None)
-        for name, reason in skipped:
-            events.warn(f"skipped {name}: {reason}")
-        if not images:
-            raise UserError(f"no readable image among {len(paths)} from {origin}")
-        events.info(f"images: {len(images)} from {origin}")
-        metrics = resolve_metrics(options.metrics, options.iqa, options.device)
-        dehazers = {}
-        for subject in subjects:
-            if subject.model is not None:
-                pad = int(getattr(subject.model, "bilalora_info", {}).get("pad_multiple", 4))
-                dehazers[subject.name] = torch_dehazer(subject.model, options.device, pad)
-            elif subject.export is not None:
-                from bilalora.runtime import Dehazer
-
-                dehazers[subject.name] = Dehazer(subject.export, color="rgb", providers=options.providers,
-                                                 threads=options.threads)
-        if options.dcp:
-            from bilalora.baselines.dcp import dehaze_dcp
-
-            dehazers["dcp"] = lambda image: (np.clip(dehaze_dcp(image), 0, 1) * 255.0 + 0.5).astype(np.uint8)
-        events.start("quality", len(images))
-        quality, kept = score_images(images, dehazers, metrics, keep=options.sheet,
-                                     on_image=lambda name: events.advance("quality", name))  # fmt: skip
-        events.done("quality")
-        for subject in subjects:
-            if subject.model is not None:
-                subject.model.to("cpu")
-        if options.sheet:
-            sheet_path = _contact_sheet(kept, [n for n, _ in images], report / "sheet.jpg")
-        image_info = {"origin": origin, "count": len(images), "max_side": options.max_side,
-                      "skipped": [{"name": n, "reason": r} for n, r in skipped]}  # fmt: skip
+    quality, sheet_path, image_info, figure_path = None, None, None, None
+    if selection is not None:
+        quality, sheet_path, image_info = _quality(options, subjects, selection, report, events)
     timings["quality"] = round(time.perf_counter() - tick, 3)
+    quality_record = quality.as_dict(("base", *STRETCH_ROWS)) if quality is not None else None
+    if quality_record is not None:
+        from .figure import metrics_figure
+
+        title = f"{image_info['count']} image(s), {image_info['split']}: {image_info['origin']}"
+        figure_path = metrics_figure(quality_record, report / FIGURE_NAME, title=title[:110])
     timings["total"] = round(time.perf_counter() - started, 3)
 
-    reference = "base" if any(s.role == "base" for s in subjects) else None
     record = {
         "command": "bench",
         "bilalora": bilalora.__version__,
@@ -279,10 +301,11 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
         "latency": {"size": list(options.size), "warmup": options.warmup, "runs": options.runs,
                     "rows": [row.as_dict() for row in latency]},  # fmt: skip
         "images": image_info,
-        "quality": quality.as_dict(reference) if quality is not None else None,
+        "quality": quality_record,
         "sheet": str(sheet_path) if sheet_path else None,
-        "notes": picked,
+        "figure": str(figure_path) if figure_path else None,
+        "notes": picked + (selection.notes if selection else []),
         "timings": timings,
     }
     record_path = write_json(report / RECORD_NAME, record)
-    return BenchResult(subjects, latency, quality, cost, report, record_path, sheet_path, record)
+    return BenchResult(subjects, latency, quality, cost, report, record_path, sheet_path, record, figure_path)

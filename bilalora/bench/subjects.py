@@ -48,14 +48,14 @@ class Subject:
 
 
 def _read_record(folder: Path) -> Optional[dict]:
-    from bilalora.runtime.model_json import SIDECAR_NAME, read_sidecar
+    """The folder's validated model.json record, or None when it has none.
 
-    if not (folder / SIDECAR_NAME).is_file():
-        return None
-    try:
-        return read_sidecar(folder)
-    except (ValueError, OSError):
-        return None
+    Raises:
+        UserError: model.json exists but is unreadable or malformed (one line naming the field).
+    """
+    from bilalora.runtime.model_json import load_record
+
+    return load_record(folder)
 
 
 def subject_from_export(folder: Path, name: Optional[str] = None) -> Subject:
@@ -95,7 +95,11 @@ def _matching_export(folder: Path, adapter: Optional[Path], base_fingerprint: st
     """``folder`` when its model.json was exported from this adapter (or this base), else None (with a note)."""
     from bilalora.runtime.model_json import sha256_of
 
-    record = _read_record(folder)
+    try:
+        record = _read_record(folder)
+    except UserError as exc:
+        notes.append(f"{folder} not timed: {exc}")
+        return None
     if record is None:
         return None
     if record.get("base_fingerprint") != base_fingerprint:
