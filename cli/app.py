@@ -7,6 +7,7 @@ import os
 import typer
 
 from .adapt import adapt_command
+from .adapter import adapter_app
 from .bench import bench_command
 from .export import export_command
 from .info import info_command
@@ -33,6 +34,7 @@ app.command("sites")(sites_command)
 app.command("info")(info_command)
 app.command("pretrain")(pretrain_command)
 app.command("run")(run_command)
+app.add_typer(adapter_app, name="adapter")
 
 
 def main() -> None:
