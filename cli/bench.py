@@ -132,7 +132,7 @@ def bench_command(
     iqa: Optional[str] = typer.Option(None, "--iqa", help="pyiqa metrics, comma-separated (musiq, niqe, brisque, piqe, ...)."),
     dcp: bool = typer.Option(False, "--dcp", help="Score the dark channel prior baseline too."),
     stretch: bool = typer.Option(True, "--stretch/--no-stretch", help="Score the base followed by a 1-99 % contrast stretch (per channel, and global)."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, tensorrt (default: all)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, torch-fp16 (CUDA), onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, tensorrt (default: all for the device)."),
     size: str = typer.Option("512x512", "--size", help="Input HxW of the latency runs."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
     runs: int = typer.Option(20, "--runs", help="Timed runs per backend."),

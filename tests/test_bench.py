@@ -349,3 +349,17 @@ def test_stretch_maps_percentiles_to_black_and_white():
     assert floats.dtype == np.float32 and np.abs(floats * 255 - out).max() <= 1.0
     with pytest.raises(ValueError):
         stretch_channels(image, 50, 40)
+
+
+def test_without_a_run_the_named_base_is_benchmarked_alone(tmp_path, monkeypatch):
+    write_hazy_images(tmp_path / "hazy", count=2, size=(36, 44))
+    monkeypatch.chdir(tmp_path)
+    result = _invoke(*FAST, "--backbone", "dea-net-t", "--weights", "random", "--images", "hazy", "--sheet", "0",
+                     "--metrics", "entropy", "--backends", "torch,torch-fp16,onnx")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "benchmarking the base dea-net-t alone" in result.output
+    record = json.loads(next((tmp_path / "runs" / "bench").glob("*/bench.json")).read_text())
+    assert [s["name"] for s in record["subjects"]] == ["base"]
+    rows = {r["backend"]: r["status"] for r in record["latency"]["rows"]}
+    assert rows["torch"] == "OK" and rows["torch-fp16"] == "skipped: fp16 PyTorch is timed on CUDA only (use --device cuda)"
+    assert set(record["quality"]["mean"]) == {"input", "base", "base+stretch", "base+stretch-global"}

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["Format", "FORMATS", "BACKENDS", "Timing", "time_callable", "LatencyRow", "time_backend"]
+__all__ = ["Format", "FORMATS", "BACKENDS", "CUDA_ONLY", "default_formats", "Timing", "time_callable", "LatencyRow", "time_backend"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
         Format("torch", None, "torch", "fp32"),
+        Format("torch-fp16", None, "torch", "fp16"),
         Format("onnx", "model.onnx", "onnxruntime", "fp32", "bilalora export"),
         Format("onnx-fp16", "model_fp16.onnx", "onnxruntime", "fp16", "bilalora export --fp16"),
         Format("onnx-int8", "model_int8.onnx", "onnxruntime", "int8", "bilalora export --int8"),
@@ -59,6 +60,14 @@ FORMATS: dict[str, Format] = {
 
 #: Format name -> artefact file (None for PyTorch); kept for callers that only need the files.
 BACKENDS = {name: f.artefact for name, f in FORMATS.items()}
+
+#: Formats that only run on a CUDA device (left out of the default list elsewhere).
+CUDA_ONLY = ("torch-fp16",)
+
+
+def default_formats(device: str) -> list[str]:
+    """The formats timed when ``--backends`` is not given: all, less the CUDA-only ones off CUDA."""
+    return [name for name in FORMATS if device.startswith("cuda") or name not in CUDA_ONLY]
 
 
 @dataclass
@@ -131,14 +140,29 @@ class LatencyRow:
         }
 
 
-def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: int) -> tuple[Timing, str]:
+def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: int, precision: str = "fp32"
+                  ) -> tuple[Timing, str]:  # fmt: skip
+    """Time ``model`` on a (1, 3, H, W) input; fp16 runs a half-precision copy (CUDA only), channels-last on CUDA."""
+    import copy
+
     import torch
 
     from bilalora.devices import device_name
 
+    cuda = device.startswith("cuda")
+    if precision == "fp16":
+        if not cuda:
+            raise UserError("fp16 PyTorch is timed on CUDA only (use --device cuda)")
+        model = copy.deepcopy(model).half()
     model = model.to(device).eval()
-    probe = torch.rand(1, 3, *size, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its kernels in the warm-up
+        model = model.to(memory_format=torch.channels_last)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    probe = torch.rand(1, 3, *size, device=device, dtype=dtype)
+    if cuda:
+        probe = probe.contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if cuda else None
 
     def forward():
         with torch.no_grad():
@@ -147,8 +171,9 @@ def _torch_timing(model, size: tuple[int, int], device: str, warmup: int, runs: 
     try:
         timing = time_callable(forward, warmup, runs, sync)
     finally:
-        model.to("cpu")
-    return timing, f"PyTorch {torch.__version__} on {device_name(device)}"
+        model.to("cpu", memory_format=torch.contiguous_format)
+    layout = ", channels-last" if cuda else ""
+    return timing, f"PyTorch {torch.__version__} on {device_name(device)} ({precision}{layout})"
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -176,7 +201,11 @@ def _open_engine(fmt: Format, path: Path, record: dict, providers: Optional[list
     if fmt.engine == "tensorrt":
         return backends.TensorRTBackend(path, record=record)
     if fmt.engine == "openvino":
-        return backends.OpenVINOBackend(path, precision=fmt.precision, threads=threads)
+        from bilalora.runtime.ov_backend import OpenVinoBackend, cpu_has_bf16
+
+        # int8 graphs keep OpenVINO's default; float IR runs in bf16 where the CPU computes it natively
+        precision = None if fmt.precision == "int8" else ("bf16" if cpu_has_bf16() else "f32")
+        return OpenVinoBackend(path, precision=precision, threads=threads)
     return backends.OnnxBackend(path, providers=providers, threads=threads)
 
 
@@ -243,7 +272,9 @@ def time_backend(
             return row
         row.megabytes = round(sum(p.numel() * p.element_size() for p in subject.model.parameters()) / 2**20, 2)
         try:
-            row.timing, row.device = _torch_timing(subject.model, size, device, warmup, runs)
+            row.timing, row.device = _torch_timing(subject.model, size, device, warmup, runs, fmt.precision)
+        except UserError as exc:
+            row.status = f"skipped: {_first_line(exc)}"
         except Exception as exc:  # noqa: BLE001 - report and go on with the other backends
             row.status = f"failed: {type(exc).__name__}: {_first_line(exc, 120)}"
         return row

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from .baselines import STRETCH_ROWS
-from .latency import FORMATS, LatencyRow, time_backend
+from .latency import FORMATS, LatencyRow, default_formats, time_backend
 from .quality import QualityTable, load_images, resolve_metrics, score_images, torch_dehazer
 from .selection import ImageSelection, select_images
 from .subjects import Subject, resolve_subjects
@@ -48,7 +48,7 @@ class BenchOptions:
         metrics: built-in metric names; iqa: pyiqa metric names (musiq, niqe, piqe, ...).
         dcp: score the dark channel prior baseline too.
         stretch: score the base followed by a contrast stretch (per-channel and global rows).
-        backends: subset of :data:`~.latency.FORMATS` (None: all).
+        backends: subset of :data:`~.latency.FORMATS` (None: all that run on ``device``).
         size: (H, W) of the timed input; warmup, runs: timing repetitions.
         device: torch device string (already resolved); providers: onnxruntime providers.
         threads: CPU threads for PyTorch and onnxruntime (0: their defaults).
@@ -262,7 +262,7 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
                                   "gmacs": round(measured.macs / 1e9, 3), "input_hw": list(options.size)}  # fmt: skip
 
     # ---- latency per format
-    backends = list(options.backends or FORMATS)
+    backends = list(options.backends or default_formats(options.device))
     tick = time.perf_counter()
     events.start("latency", len(subjects) * len(backends))
     latency: list[LatencyRow] = []

@@ -127,7 +127,8 @@ def resolve_subjects(
     """The subjects to compare, the adapt run they came from (or None) and lines saying what was picked.
 
     Args:
-        adapters: adapter files (none: the newest run's, unless ``models`` are given).
+        adapters: adapter files (none: the newest run's, unless ``models`` are given; with no run at all
+            and ``backbone`` or ``weights`` given, the base alone).
         models: export folders, benchmarked as they are.
         backbone, weights: the base network (default: from the first adapter's run summary).
         include_base: add the unadapted base as the first subject.
@@ -145,10 +146,16 @@ def resolve_subjects(
         subjects = [subject_from_export(Path(m)) for m in models]
         return subjects, None, notes
 
-    first = resolve_source(adapter=adapters[0] if adapters else None, backbone=backbone,
+    from bilalora.runs import adapt_root, latest_adapter_run
+
+    base_only = not adapters and (backbone or weights) is not None and latest_adapter_run(adapt_root(runs_root)) is None
+    first = resolve_source(adapter=adapters[0] if adapters else None, base=base_only, backbone=backbone,
                            weights=weights, runs_root=runs_root)  # fmt: skip
     notes.extend(first.picked)
-    adapter_paths = adapters or [first.adapter]
+    if base_only:
+        notes.append(f"no adapt run under {adapt_root(runs_root)}: benchmarking the base {first.backbone} alone")
+        include_base = True
+    adapter_paths = [] if base_only else (adapters or [first.adapter])
     base = backbones.load(first.backbone, weights=first.weights)
     base_fp = fingerprint(base)
     base_info = {"backbone": first.backbone, "weights": first.weights or base.bilalora_info.get("weights")}
