@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import backbone_from_flags, console, user_errors
+from .common import console, user_errors
 
 
 @user_errors
@@ -19,17 +19,19 @@ def sites_command(
     rank: int = typer.Option(8, "--rank", "-r", min=1, help="LoRA rank for the parameter counts."),
     all_sites: bool = typer.Option(False, "--all", help="List every site, not only the default search space."),
     size: str = typer.Option("256x256", "--size", help="Input HxW for the FLOP count."),
+    input_norm: Optional[str] = typer.Option(
+        None, "--input-norm", help="Input the weights expect: clip, none or MEAN,STD (default: what the file records)."
+    ),
 ) -> None:
     """List candidate injection sites (site, layers, LoRA parameters) and the model's cost."""
+    from bilalora import backbones
     from bilalora import sites as site_lib
+    from bilalora.backbones.normalize import describe
+    from bilalora.parsing import parse_hw
     from bilalora.profile import measure_cost
 
-    from bilalora.parsing import parse_hw
-
-    from bilalora.backbones import default_backbone
-
-    backbone = backbone or default_backbone()
-    model = backbone_from_flags(backbone, weights)
+    backbone = backbone or backbones.default_backbone()
+    model = backbones.load(backbone, weights=weights, input_norm=input_norm)
     listed = site_lib.discover(model) if all_sites else site_lib.default_sites(model)
     scope = "all sites" if all_sites else "default search space"
     table = Table(title=f"{backbone}: {len(listed)} sites ({scope}), LoRA rank {rank}")
@@ -52,4 +54,4 @@ def sites_command(
         f"model: {cost.parameters:,} parameters; at {height}x{width}: {cost.flops / 1e9:.2f} GFLOPs "
         f"(torch.utils.flop_counter, multiply-add = 2) = {cost.macs / 1e9:.2f} GMACs (the paper's 'FLOPs')"
     )
-    console.print(f"weights: {model.bilalora_info['weights']}")
+    console.print(f"weights: {model.bilalora_info['weights']}; input: {describe(model.bilalora_info['input_norm'])}")

@@ -238,3 +238,15 @@ def test_names_from_files_never_import():
         assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="--backbone os:abort"):
         backbones.registered_name("os:abort", "adapter x")
+
+
+def test_sites_command_reports_input_norm():
+    from typer.testing import CliRunner
+
+    from bilalora.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["sites", "-b", "dea-net-t", "--size", "32x32", "--input-norm", "clip"])
+    assert result.exit_code == 0 and "CLIP mean/std" in result.output
+    bad = runner.invoke(app, ["sites", "-b", "dea-net-t", "--input-norm", "0.5,-1"])
+    assert bad.exit_code == 2 and "std must be positive" in bad.output
