@@ -1,5 +1,7 @@
 """Inference backends of the runtime: onnxruntime for ``.onnx``, TensorRT for ``.engine``. No torch.
 
+(OpenVINO, for ``model.xml`` and INT8 graphs on CPUs, is in :mod:`.ov_backend`.)
+
 Both take and return float32 ``(N, 3, H, W)`` arrays (RGB, [0, 1]) and say which
 input heights and widths they accept (``fixed_hw`` for a static graph,
 ``max_hw`` for an engine's optimisation profile) so that :class:`~.dehazer.Dehazer`
@@ -8,7 +10,12 @@ can tile frames that do not fit.
 The TensorRT backend is written against the documented TensorRT 10 Python API
 (``Runtime.deserialize_cuda_engine``, ``IExecutionContext.set_input_shape``,
 ``set_tensor_address``, ``execute_async_v3``, ``ICudaEngine.get_tensor_profile_shape``)
-and NVIDIA's ``cuda-python`` runtime bindings for device memory. It is UNVERIFIED
+and NVIDIA's ``cuda-python`` runtime bindings for device memory and page-locked host
+buffers (``cudaMallocHost``, so that the copies can run asynchronously). Before running,
+it checks the engine's I/O tensors (exactly one input ``input`` and one output ``output``,
+both FP32): an engine built elsewhere with other names or fp16 I/O is refused instead of
+fed wrongly. :meth:`TensorRTBackend.close` frees buffers, the stream, the context, the
+engine and the runtime explicitly, in that order. It is UNVERIFIED
 on real hardware here (no TensorRT, no GPU on the development machine); the tests
 drive it with stand-in ``tensorrt`` and ``cudart`` modules that record the calls.
 """
@@ -34,8 +41,8 @@ __all__ = [
     "import_cudart",
 ]
 
-#: onnxruntime providers in order of preference; those not available are skipped.
-DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+from .providers import DEFAULT_PROVIDERS, session_providers
+
 TRT_INSTALL_HINT = "pip install 'bilalora[trt]'"
 
 
@@ -50,6 +57,8 @@ class Backend(abc.ABC):
         max_hw: (H, W) the largest input accepted, else None (no limit).
         min_hw: (H, W) the smallest input accepted, else None.
         max_batch: largest N accepted (None: any).
+        fixed_batch: the N a static graph or engine requires (None: any N up to max_batch).
+        precision: what it computes in ("fp32", "fp16", "bf16", "int8" or "default").
     """
 
     name = "backend"
@@ -59,6 +68,8 @@ class Backend(abc.ABC):
     max_hw: Optional[tuple[int, int]] = None
     min_hw: Optional[tuple[int, int]] = None
     max_batch: Optional[int] = None
+    fixed_batch: Optional[int] = None
+    precision = "fp32"
 
     @abc.abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -81,11 +92,21 @@ class OnnxBackend(Backend):
             :data:`DEFAULT_PROVIDERS` that this onnxruntime has). Naming a provider
             this onnxruntime lacks is an error.
         threads: intra-op threads (0: onnxruntime's default).
+        record: the export's model.json record: the TensorRT provider's profile shapes come from it.
+        precision: "fp32", "fp16" or "int8": what the graph computes in; turns on the TensorRT
+            provider's fp16 or int8 mode.
     """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, providers: Optional[Sequence[str]] = None, threads: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Optional[Sequence[str]] = None,
+        threads: int = 0,
+        record: Optional[dict] = None,
+        precision: str = "fp32",
+    ):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -103,7 +124,8 @@ class OnnxBackend(Backend):
         if threads:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
+            specs = session_providers(chosen, record, precision, int8=precision == "int8")
+            self.session = ort.InferenceSession(str(self.path), options, providers=specs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{self.path}: onnxruntime cannot load it ({first})") from None
@@ -116,7 +138,8 @@ class OnnxBackend(Backend):
             raise UserError(f"{self.path}: input {self.input_name} has shape {shape}, expected (N, 3, H, W)")
         height, width = _static_dim(shape[2]), _static_dim(shape[3])
         self.fixed_hw = (height, width) if height and width else None
-        self.max_batch = _static_dim(shape[0])
+        self.max_batch = self.fixed_batch = _static_dim(shape[0])
+        self.precision = precision
         self.device = ", ".join(self.session.get_providers())
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -163,6 +186,45 @@ def _check(result: Any, what: str) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
+class _HostBuffer:
+    """A host array for engine copies: page-locked (``cudaMallocHost``) when cuda-python offers it, else numpy."""
+
+    def __init__(self, cudart, shape: tuple[int, ...]):
+        import ctypes
+
+        self.cudart, self.pointer = cudart, 0
+        nbytes = int(np.prod(shape)) * 4
+        allocate = getattr(cudart, "cudaMallocHost", None)
+        if allocate is not None:
+            self.pointer = int(_check(allocate(nbytes), "cudaMallocHost"))
+            raw = (ctypes.c_uint8 * nbytes).from_address(self.pointer)
+            self.array = np.frombuffer(raw, dtype=np.float32).reshape(shape)
+        else:
+            self.array = np.empty(shape, dtype=np.float32)
+        self.pinned = bool(self.pointer)
+
+    def free(self) -> None:
+        if self.pointer:
+            self.array = None
+            _check(self.cudart.cudaFreeHost(self.pointer), "cudaFreeHost")
+            self.pointer = 0
+
+
+def _check_io(engine, trt, path: Path) -> None:
+    """Refuse an engine whose I/O is not exactly FP32 ``input`` -> FP32 ``output`` (TensorRT 10 tensor API)."""
+    found = []
+    for index in range(int(engine.num_io_tensors)):
+        name = engine.get_tensor_name(index)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        found.append((name, mode, engine.get_tensor_dtype(name)))
+    expected = [("input", "input", trt.DataType.FLOAT), ("output", "output", trt.DataType.FLOAT)]
+    if sorted(found, key=lambda t: t[1]) != expected:
+        shown = ", ".join(f"{mode} {name} ({dtype})" for name, mode, dtype in found)
+        raise UserError(
+            f"{path.name}: foreign engine I/O [{shown}]; bilalora engines take FP32 input -> FP32 output"
+        )
+
+
 class TensorRTBackend(Backend):
     """A serialised TensorRT engine (UNVERIFIED on real hardware here, see the module docstring).
 
@@ -180,7 +242,8 @@ class TensorRTBackend(Backend):
         self.trt = trt or import_tensorrt()
         self.cudart = cudart or import_cudart()
         self._buffers: dict[str, tuple[int, int]] = {}
-        self.stream = None
+        self._host: dict[str, _HostBuffer] = {}
+        self.stream = self.context = self.engine = self.runtime = None
         device = _check(self.cudart.cudaGetDevice(), "cudaGetDevice")
         props = _check(self.cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
         gpu = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
@@ -196,11 +259,17 @@ class TensorRTBackend(Backend):
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise UserError(f"{self.path}: TensorRT {self.trt.__version__} cannot load it (built elsewhere?)")
+        _check_io(self.engine, self.trt, self.path)
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise UserError(f"{self.path}: TensorRT cannot create an execution context (out of GPU memory?)")
         low, _, high = (tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape("input", 0))
         self.min_hw, self.max_hw, self.max_batch = (low[2], low[3]), (high[2], high[3]), high[0]
         if low[2:] == high[2:]:
             self.fixed_hw = (high[2], high[3])
+        if low[0] == high[0]:
+            self.fixed_batch = high[0]
+        self.precision = str(((record or {}).get("trt") or {}).get("precision", "fp32"))
         self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.device = f"{gpu} (sm_{capability[0]}{capability[1]}), TensorRT {self.trt.__version__}"
 
@@ -213,13 +282,22 @@ class TensorRTBackend(Backend):
             self._buffers[name] = (pointer, nbytes)
         return pointer
 
+    def _host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        buffer = self._host.get(name)
+        if buffer is None or buffer.array.shape != tuple(shape):
+            if buffer is not None:
+                buffer.free()
+            buffer = self._host[name] = _HostBuffer(self.cudart, tuple(shape))
+        return buffer.array
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         cudart = self.cudart
-        host_in = np.ascontiguousarray(batch, dtype=np.float32)
+        host_in = self._host_buffer("input", tuple(batch.shape))
+        host_in[...] = batch
         if not self.context.set_input_shape("input", tuple(host_in.shape)):
             raise UserError(f"{self.path}: the engine does not take shape {tuple(host_in.shape)}")
         out_shape = tuple(int(v) for v in self.context.get_tensor_shape("output"))
-        host_out = np.empty(out_shape, dtype=np.float32)
+        host_out = self._host_buffer("output", out_shape)
         device_in = self._buffer("input", host_in.nbytes)
         device_out = self._buffer("output", host_out.nbytes)
         to_device, to_host = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
@@ -236,12 +314,21 @@ class TensorRTBackend(Backend):
             "copy to host",
         )
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return host_out
+        return host_out.copy()  # the pinned buffer is reused by the next call
 
     def close(self) -> None:
+        """Free device and pinned host buffers, the stream, then the context, engine and runtime (idempotent)."""
         for pointer, _ in self._buffers.values():
             _check(self.cudart.cudaFree(pointer), "cudaFree")
         self._buffers.clear()
+        for buffer in self._host.values():
+            buffer.free()
+        self._host.clear()
         if self.stream is not None:
             _check(self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
             self.stream = None
+        # TensorRT 10 objects are released when their last Python reference goes: drop them
+        # in dependency order rather than leaving it to the garbage collector
+        self.context = None
+        self.engine = None
+        self.runtime = None

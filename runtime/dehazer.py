@@ -1,114 +1,72 @@
 """``Dehazer``: uint8 frames in, uint8 frames out, with an exported model. No torch.
 
     from bilalora.runtime import Dehazer
-    dehaze = Dehazer("runs/adapt/exp/export")        # folder with model.json, or a .onnx / .engine
+    dehaze = Dehazer("runs/adapt/exp/export")        # folder with model.json, or a .onnx / .xml / .engine
     clear = dehaze(frame)                             # uint8 (H, W, 3) BGR -> same shape, dtype, order
+    clears = dehaze.run_frames([f1, f2, f3, f4])      # several frames at once (fixed-batch exports)
 
 The folder form reads ``model.json`` (:mod:`bilalora.runtime.model_json`) for the pad
-multiple and picks an artefact: the TensorRT engine when TensorRT can load it
-here, else the ONNX graph (``precision="fp16"`` prefers ``model_fp16.onnx``) in
-onnxruntime with the TensorRT, CUDA, then CPU providers that it has. Frames of
-any size are padded to the multiple (reflect, bottom-right), run and cropped
-back (windows under four pad multiples, 16 px for DEA-Net, are edge-padded up
-to that: the network's deepest reflect padding needs it); frames larger than the model takes (an engine's profile maximum, a static
-graph's size, or ``tile``) are cut into overlapping tiles blended with linear
-ramps.
+multiple and picks the fastest artefact that passed its gate for this machine
+(:mod:`.select`: TensorRT engine, OpenVINO bf16 on CPUs with bf16 units, then the ONNX graph
+in onnxruntime with the TensorRT, CUDA, then CPU providers that it has). When the chosen
+backend fails to open or to run (a CUDA error, a missing driver, out of memory, a foreign
+engine), the Dehazer falls back to the next candidate, ending with ``model.onnx``, and says
+why in :attr:`Dehazer.notes` (and through ``on_note``). Frames of any size are padded to
+the multiple (reflect, bottom-right), run and cropped back (windows under four pad
+multiples, 16 px for DEA-Net, are edge-padded up to that: the network's deepest reflect
+padding needs it); frames larger than the model takes (an engine's profile maximum, a
+static graph's size, or ``tile``) are cut into overlapping tiles blended with linear ramps.
+An export with a fixed batch N is always sent exactly N windows: frames (and tiles) are
+grouped by N and the last group is padded with copies of its last window.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from bilalora.errors import UserError
 
 from .backends import Backend, OnnxBackend, TensorRTBackend
-from .frames import COLOR_ORDERS, blend_window, frame_to_rgb01, pad_to_multiple, plan_tiles, rgb01_to_frame
+from .frames import COLOR_ORDERS, Tile, blend_window, frame_to_rgb01, pad_to_multiple, plan_tiles, rgb01_to_frame
+from .select import Candidate, resolve_model
 
 __all__ = ["Dehazer", "resolve_model"]
-
-_PREFER = ("auto", "engine", "onnx")
-_PRECISIONS = ("fp32", "fp16")
-
-
-def _read_record(folder: Path) -> Optional[dict[str, Any]]:
-    from bilalora.runtime.model_json import SIDECAR_NAME, read_sidecar
-
-    path = folder / SIDECAR_NAME
-    if not path.is_file():
-        return None
-    try:
-        return read_sidecar(path)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
-def _artefact(folder: Path, record: Optional[dict], name: str) -> Optional[Path]:
-    """``folder/name`` when it exists and model.json does not mark it removed (failed gate)."""
-    entry = (record or {}).get("artefacts", {}).get(name)
-    if entry is not None and entry.get("removed"):
-        return None
-    path = folder / (entry.get("path", name) if entry else name)
-    return path if path.is_file() else None
-
-
-def resolve_model(model: str | Path, prefer: str = "auto", precision: str = "fp32") -> tuple[list[Path], Optional[dict]]:
-    """The model files to try, in order, and the model.json record (None when there is none).
-
-    Args:
-        model: an export folder (with model.json), or a ``.onnx`` / ``.engine`` file.
-        prefer: "auto" (engine, then ONNX), "engine" or "onnx".
-        precision: "fp32" or "fp16": which ONNX graph comes first.
-    """
-    if prefer not in _PREFER:
-        raise UserError(f"--prefer {prefer}: use one of {', '.join(_PREFER)}")
-    if precision not in _PRECISIONS:
-        raise UserError(f"--precision {precision}: use fp32 or fp16")
-    path = Path(model)
-    if not path.exists():
-        raise UserError(f"--model {path}: no such file or folder (an export folder, a .onnx or a .engine)")
-    if path.is_file():
-        if path.suffix.lower() not in (".onnx", ".engine", ".plan", ".trt"):
-            raise UserError(f"--model {path}: not a .onnx or .engine file")
-        return [path], _read_record(path.parent)
-    record = _read_record(path)
-    onnx_names = ["model_fp16.onnx", "model.onnx"] if precision == "fp16" else ["model.onnx", "model_fp16.onnx"]
-    engines = [p for p in [_artefact(path, record, "model.engine")] if p]
-    graphs = [p for p in (_artefact(path, record, n) for n in onnx_names) if p]
-    if record is None and not graphs and not engines:
-        graphs = sorted(path.glob("*.onnx"))
-        engines = sorted(path.glob("*.engine"))
-    order = {"auto": engines + graphs, "engine": engines, "onnx": graphs}[prefer]
-    if not order:
-        wanted = {"auto": "model.engine or model.onnx", "engine": "model.engine", "onnx": "model.onnx"}[prefer]
-        raise UserError(f"--model {path}: no {wanted} in this folder (run `bilalora export` to make one)")
-    return order, record
 
 
 def _round_down(value: int, multiple: int) -> int:
     return max(multiple, value - value % multiple)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 class Dehazer:
     """Dehaze frames with an exported bilalora model.
 
     Args:
-        model: export folder (model.json + artefacts), or a ``.onnx`` / ``.engine`` file.
+        model: export folder (model.json + artefacts), or a ``.onnx`` / ``.xml`` / ``.engine`` file.
         color: channel order of 3/4-channel frames: "bgr" (OpenCV, default) or "rgb".
         providers: onnxruntime providers in order of preference (None: TensorRT, CUDA, CPU
             as available).
-        prefer: "auto" (an engine TensorRT can load here, else ONNX), "engine" or "onnx".
-        precision: "fp32" or "fp16" (which ONNX graph to prefer).
+        prefer: "auto" (an engine TensorRT can load here, else the rest), "engine" or "onnx".
+        precision: "auto" (fastest that passed its gate here), "fp32", "fp16", "bf16" or "int8".
         tile: largest tile side in pixels (None: only where the model requires it).
         overlap: overlap of neighbouring tiles in pixels.
-        threads: onnxruntime intra-op threads (0: its default).
+        threads: onnxruntime / OpenVINO CPU threads (0: their default).
+        verify: check artefacts' sha256 against model.json before use.
+        on_note: called with each fallback line as it happens (e.g. to print it).
 
     Attributes:
         backend: the :class:`~.backends.Backend` in use; ``path`` is its file.
-        notes: one line per artefact that was passed over and why.
+        candidate: the :class:`~.select.Candidate` in use; ``candidates`` the whole ordered list.
+        notes: one line per artefact that was passed over or failed, and why.
+        batch_size: windows per backend call (the fixed batch of a static export, else 1).
         last_ms: wall time of the last call in milliseconds.
     """
 
@@ -118,29 +76,37 @@ class Dehazer:
         color: str = "bgr",
         providers: Optional[Sequence[str]] = None,
         prefer: str = "auto",
-        precision: str = "fp32",
+        precision: str = "auto",
         tile: Optional[int] = None,
         overlap: int = 32,
         threads: int = 0,
+        verify: bool = True,
+        on_note: Optional[Callable[[str], None]] = None,
         _trt=None,
         _cudart=None,
     ):
         color = color.lower()
         if color not in COLOR_ORDERS:
             raise UserError(f"--color {color}: use bgr or rgb")
-        candidates, record = resolve_model(model, prefer, precision)
+        self.notes: list[str] = []
+        self.on_note = on_note
+        candidates, record = resolve_model(model, prefer, precision, verify, list(providers or []), self.notes)
         self.model = Path(model)
         self.record = record
         self.color = color
-        self.notes: list[str] = []
+        self.precision = precision
+        self.providers = list(providers) if providers else None
+        self.threads = int(threads)
+        self._fakes = (_trt, _cudart)
         spec = (record or {}).get("input", {})
         self.pad_multiple = int(spec.get("pad_multiple", 4))
         self.pad_mode = str(spec.get("pad_mode", "reflect"))
         # DEA-Net's 7x7 reflect conv at 1/4 resolution needs at least 16 px: windows smaller
         # than four pad multiples are edge-padded up to it (and cropped back)
         self.min_side = 4 * self.pad_multiple
-        self.backend: Backend = self._open(candidates, providers, threads, _trt, _cudart)
-        self.path = self.backend.path
+        self.candidates = list(candidates)
+        self._remaining = list(candidates)
+        self.backend: Backend = self._open_next()
         if tile is not None and tile < 2 * self.pad_multiple:
             raise UserError(f"--tile {tile}: use at least {2 * self.pad_multiple} pixels")
         self.tile = tile
@@ -150,32 +116,82 @@ class Dehazer:
         self.last_ms = 0.0
         self.frames = 0
 
-    def _open(self, candidates: list[Path], providers, threads: int, trt, cudart) -> Backend:
-        """The first candidate that loads; the ones passed over go to ``notes``."""
-        for path in candidates[:-1]:
-            try:
-                return self._open_one(path, providers, threads, trt, cudart)
-            except UserError as exc:
-                self.notes.append(f"skipped {path.name}: {exc}")
-        return self._open_one(candidates[-1], providers, threads, trt, cudart)
+    # ------------------------------------------------------------------ backends
 
-    def _open_one(self, path: Path, providers, threads: int, trt, cudart) -> Backend:
-        if path.suffix.lower() == ".onnx":
-            return OnnxBackend(path, providers=providers, threads=threads)
-        return TensorRTBackend(path, record=self.record, trt=trt, cudart=cudart)
+    def _note(self, line: str) -> None:
+        self.notes.append(line)
+        if self.on_note is not None:
+            self.on_note(line)
+
+    def _open_next(self) -> Backend:
+        """Open the next candidate that loads; each one passed over goes to ``notes``."""
+        while self._remaining:
+            candidate = self._remaining.pop(0)
+            try:
+                backend = self._open_one(candidate)
+            except Exception as exc:  # noqa: BLE001 - any failure to open falls back (CUDA, driver, OOM, I/O)
+                if not self._remaining:
+                    if isinstance(exc, UserError):
+                        raise
+                    raise UserError(f"{candidate.path}: cannot open it ({_first_line(exc)})") from None
+                self._note(f"skipped {candidate.label()}: {_first_line(exc)}")
+                continue
+            self.candidate = candidate
+            self.path = backend.path
+            return backend
+        raise UserError(f"--model {self.model}: nothing left to run")  # pragma: no cover - guarded above
+
+    def _open_one(self, candidate: Candidate) -> Backend:
+        if candidate.backend == "tensorrt":
+            return TensorRTBackend(candidate.path, record=self.record, trt=self._fakes[0], cudart=self._fakes[1])
+        if candidate.backend == "openvino":
+            from .ov_backend import OpenVinoBackend
+
+            hint = {"bf16": "bf16", "int8": None}.get(candidate.precision, "f32")
+            backend = OpenVinoBackend(candidate.path, precision=hint, threads=self.threads)
+            backend.precision = candidate.precision
+            return backend
+        return OnnxBackend(candidate.path, providers=self.providers, threads=self.threads, record=self.record,
+                           precision=candidate.precision)  # fmt: skip
+
+    def _run_backend(self, batch: np.ndarray) -> np.ndarray:
+        """Run one batch; on any failure fall back to the next candidate and run it there."""
+        while True:
+            try:
+                return self.backend.run(batch)
+            except Exception as exc:  # noqa: BLE001 - CUDA errors, OOM, foreign shapes: fall back
+                if not self._remaining:
+                    raise
+                failed = self.candidate
+                try:
+                    self.backend.close()
+                except Exception:  # noqa: BLE001 - a broken backend may fail to close too
+                    pass
+                self._note(f"{failed.label()} failed while running ({_first_line(exc)}); falling back")
+                self.backend = self._open_next()
+                self._note(f"now running {self.candidate.label()}")
+
+    @property
+    def batch_size(self) -> int:
+        """Windows per backend call: the export's fixed batch N, else 1."""
+        return int(self.backend.fixed_batch or 1)
 
     # ------------------------------------------------------------------ info
 
     def describe(self) -> dict[str, Any]:
-        """What runs: backend, device, file, pad multiple, tiling, notes (JSON-ready)."""
+        """What runs: backend, precision, device, file, pad multiple, tiling, batching, notes (JSON-ready)."""
         return {
             "model": str(self.model),
             "file": str(self.path),
             "backend": self.backend.name,
+            "precision": self.candidate.precision,
+            "precision_asked": self.precision,
             "device": self.backend.device,
+            "candidates": [c.label() for c in self.candidates],
             "pad_multiple": self.pad_multiple,
             "fixed_hw": list(self.backend.fixed_hw) if self.backend.fixed_hw else None,
             "max_hw": list(self.backend.max_hw) if self.backend.max_hw else None,
+            "batch": self.batch_size,
             "tile": self.tile,
             "overlap": self.overlap,
             "color": self.color,
@@ -195,33 +211,61 @@ class Dehazer:
         Returns:
             uint8 array of the same shape; grey frames come back grey, alpha is kept.
         """
+        return self.run_frames([frame])[0]
+
+    def run_frames(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Dehaze several frames in as few backend calls as the export allows (``batch_size`` windows each).
+
+        Same contract per frame as :meth:`__call__`; ``last_ms`` is the wall time of the whole call.
+        """
         started = time.perf_counter()
-        try:
-            rgb = frame_to_rgb01(frame, self.color)
-        except ValueError as exc:
-            raise UserError(f"frame: {exc}") from None
-        out = rgb01_to_frame(self.dehaze_rgb(rgb), frame, self.color)
+        rgbs = []
+        for frame in frames:
+            try:
+                rgbs.append(frame_to_rgb01(frame, self.color))
+            except ValueError as exc:
+                raise UserError(f"frame: {exc}") from None
+        outs = [rgb01_to_frame(out, frame, self.color) for out, frame in zip(self.dehaze_rgb_many(rgbs), frames)]
         self.last_ms = 1000.0 * (time.perf_counter() - started)
-        self.frames += 1
-        return out
+        self.frames += len(outs)
+        return outs
 
     def dehaze_rgb(self, rgb: np.ndarray) -> np.ndarray:
         """float32 (3, H, W) RGB in [0, 1] -> float32 (3, H, W) in [0, 1] (tiled where needed)."""
-        height, width = rgb.shape[1:]
+        return self.dehaze_rgb_many([rgb])[0]
+
+    def dehaze_rgb_many(self, rgbs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Several float32 (3, H, W) images in [0, 1] -> the same shapes dehazed, windows batched together."""
         tile_h, tile_w = self._tile_size()
-        if height <= tile_h and width <= tile_w:
-            return self._run_window(rgb)
         overlap = min(self.overlap, tile_h // 2, tile_w // 2)
-        total = np.zeros((3, height, width), dtype=np.float32)
-        weight = np.zeros((height, width), dtype=np.float32)
-        for tile in plan_tiles(height, width, tile_h, tile_w, overlap):
-            window = rgb[:, tile.top : tile.top + tile.height, tile.left : tile.left + tile.width]
+        jobs: list[tuple[int, Optional[Tile]]] = []
+        windows: list[np.ndarray] = []
+        for index, rgb in enumerate(rgbs):
+            height, width = rgb.shape[1:]
+            if height <= tile_h and width <= tile_w:
+                jobs.append((index, None))
+                windows.append(rgb)
+                continue
+            for tile in plan_tiles(height, width, tile_h, tile_w, overlap):
+                jobs.append((index, tile))
+                windows.append(rgb[:, tile.top : tile.top + tile.height, tile.left : tile.left + tile.width])
+        results = self._run_windows(windows)
+        outs: list[Optional[np.ndarray]] = [None] * len(rgbs)
+        totals: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for (index, tile), result in zip(jobs, results):
+            if tile is None:
+                outs[index] = result
+                continue
+            if index not in totals:
+                height, width = rgbs[index].shape[1:]
+                totals[index] = (np.zeros((3, height, width), np.float32), np.zeros((height, width), np.float32))
+            total, weight = totals[index]
             ramp = blend_window(tile.height, tile.width, overlap)
-            total[:, tile.top : tile.top + tile.height, tile.left : tile.left + tile.width] += (
-                self._run_window(window) * ramp
-            )
+            total[:, tile.top : tile.top + tile.height, tile.left : tile.left + tile.width] += result * ramp
             weight[tile.top : tile.top + tile.height, tile.left : tile.left + tile.width] += ramp
-        return total / weight
+        for index, (total, weight) in totals.items():
+            outs[index] = total / weight
+        return outs  # type: ignore[return-value]
 
     def _tile_size(self) -> tuple[int, int]:
         """Largest (H, W) window run at once (multiples of the pad multiple)."""
@@ -236,9 +280,8 @@ class Dehazer:
             return limit_h, limit_w
         return _round_down(limit_h, self.pad_multiple), _round_down(limit_w, self.pad_multiple)
 
-    def _run_window(self, rgb: np.ndarray) -> np.ndarray:
-        """Pad one window to what the backend takes, run it, crop back. (3, h, w) -> (3, h, w)."""
-        height, width = rgb.shape[1:]
+    def _pad_window(self, rgb: np.ndarray) -> np.ndarray:
+        """Pad one (3, h, w) window to what the backend takes (multiple, minimum side, fixed size)."""
         padded = pad_to_multiple(rgb, self.pad_multiple, self.pad_mode)
         target_h, target_w = padded.shape[1:]
         backend = self.backend
@@ -250,8 +293,27 @@ class Dehazer:
         if (target_h, target_w) != padded.shape[1:]:
             extra = ((0, 0), (0, target_h - padded.shape[1]), (0, target_w - padded.shape[2]))
             padded = np.pad(padded, extra, mode="edge")
-        out = backend.run(padded[None])[0]
-        return out[:, :height, :width]
+        return padded
+
+    def _run_windows(self, windows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run (3, h, w) windows, grouped by padded size in batches of ``batch_size``; crop each back."""
+        padded = [self._pad_window(w) for w in windows]
+        results: list[Optional[np.ndarray]] = [None] * len(windows)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, window in enumerate(padded):
+            groups.setdefault(tuple(window.shape[1:]), []).append(index)
+        for members in groups.values():
+            size = self.batch_size
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                stack = [padded[i] for i in chunk]
+                if self.backend.fixed_batch:
+                    stack += [stack[-1]] * (self.backend.fixed_batch - len(stack))  # pad the last batch
+                out = self._run_backend(np.stack(stack))
+                for position, index in enumerate(chunk):
+                    height, width = windows[index].shape[1:]
+                    results[index] = out[position, :, :height, :width]
+        return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ lifetime
 

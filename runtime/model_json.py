@@ -41,6 +41,11 @@ Schema (``format_version`` 1). Paths are relative to the folder holding
                                   "cases": [{"input": "random" | "<image name>", "shape": [2, 3, 64, 96],
                                              "max_abs": ..., "mean_abs": ..., "psnr_db": ...}]}},
         "model_fp16.onnx": {..., "precision": "fp16"},   # fp16 inside, fp32 input and output
+        "model_int8.onnx": {..., "precision": "int8",     # calibrated QDQ graph, fp32 input and output
+                            "float_nodes": [...]},        # nodes kept in float (they broke the gate)
+        "model.xml": {..., "format": "openvino", "precision": "fp16",   # OpenVINO IR (fp16-compressed weights)
+                      "bin": {"path": "model.bin", "bytes": ..., "sha256": ...},
+                      "parity": {..., "inference_precision": "bf16" | "f32"}},
         "model.engine": {..., "format": "tensorrt", "precision": "fp16" | "fp32",
                          "parity": {...} | null},        # null: not measured (no CUDA in the build process)
         "merged.safetensors": {"path": ..., "format": "safetensors", "precision": "fp32", ...}
@@ -71,6 +76,12 @@ Schema (``format_version`` 1). Paths are relative to the folder holding
       "next": ["bilalora bench ...", "bilalora run ..."]
     }
 
+Reading rules (:func:`load_record`, :func:`validate_record`, :func:`resolve_artefact`):
+malformed fields are refused with one line naming the field; an artefact path must
+stay inside the export folder (no ``..``, no absolute path, no symlink leading out);
+its ``sha256`` (and the ``bin`` file's, for OpenVINO) is checked before the file is
+used, so a swapped file is refused instead of run under the original's name.
+
 An engine only runs with the TensorRT version and the GPU architecture it was
 built for: :func:`engine_mismatch` compares a record with the running
 TensorRT and GPU and says what differs.
@@ -98,6 +109,10 @@ __all__ = [
     "now",
     "write_sidecar",
     "read_sidecar",
+    "load_record",
+    "validate_record",
+    "resolve_artefact",
+    "artefact_passed",
     "engine_mismatch",
 ]
 
@@ -201,11 +216,196 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / SIDECAR_NAME
     with open(path, encoding="utf-8") as handle:
-        record = json.load(handle)
+        try:
+            record = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     version = record.get("format_version") if isinstance(record, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: model.json format {version!r}; this bilalora reads format {FORMAT_VERSION}")
+    validate_record(record, where=str(path))
     return record
+
+
+def load_record(folder: str | os.PathLike, required: bool = False) -> Optional[dict[str, Any]]:
+    """The model.json of an export folder, validated; None when there is none (and not ``required``).
+
+    Every problem (unreadable, bad JSON, other format, malformed field) is one
+    :class:`~bilalora.errors.UserError` line naming the file.
+    """
+    from bilalora.errors import UserError
+
+    folder = Path(folder)
+    path = folder if folder.name == SIDECAR_NAME and not folder.is_dir() else folder / SIDECAR_NAME
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path.parent}: no {SIDECAR_NAME} (not an export folder; run `bilalora export`)")
+        return None
+    try:
+        return read_sidecar(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shape_ok(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 4 and all(_is_int(v) and v > 0 for v in value)
+
+
+def validate_record(record: Any, where: str = SIDECAR_NAME) -> None:
+    """Check the fields the runtime relies on; raise ValueError with one line naming the first bad one.
+
+    Checked: ``input`` (an object; ``pad_multiple`` a positive integer; ``pad_mode``
+    reflect/edge/replicate/constant), ``shapes`` (an object; ``fixed``/``min``/``opt``/``max``
+    null or ``[N, C, H, W]`` positive integers), ``artefacts`` (an object of objects with
+    string ``path``, ``sha256``, ``format``, ``precision``; ``parity`` null or an object),
+    ``trt`` (null or an object) and ``input_norm`` (null or ``{"mean": [3], "std": [3]}``).
+    Absent fields are allowed (older or minimal records); unknown fields are ignored.
+    """
+    def bad(field: str, value: Any, want: str) -> ValueError:
+        shown = json.dumps(value)[:60] if _jsonable(value) else type(value).__name__
+        return ValueError(f"{where}: field {field} is {shown}; expected {want}")
+
+    if not isinstance(record, dict):
+        raise bad("(top level)", record, "an object")
+    spec = record.get("input", {})
+    if not isinstance(spec, dict):
+        raise bad("input", spec, "an object")
+    if "pad_multiple" in spec and not (_is_int(spec["pad_multiple"]) and 1 <= spec["pad_multiple"] <= 1024):
+        raise bad("input.pad_multiple", spec["pad_multiple"], "an integer from 1 to 1024")
+    if "pad_mode" in spec and spec["pad_mode"] not in ("reflect", "edge", "replicate", "constant"):
+        raise bad("input.pad_mode", spec["pad_mode"], "reflect, edge, replicate or constant")
+    shapes = record.get("shapes", {})
+    if shapes is not None and not isinstance(shapes, dict):
+        raise bad("shapes", shapes, "an object")
+    for key in ("fixed", "min", "opt", "max"):
+        value = (shapes or {}).get(key)
+        if value is not None and not _shape_ok(value):
+            raise bad(f"shapes.{key}", value, "null or [N, C, H, W] positive integers")
+    if "artefacts" in record:
+        artefacts = record["artefacts"]
+        if not isinstance(artefacts, dict):
+            raise bad("artefacts", artefacts, "an object keyed by file name")
+        for name, entry in artefacts.items():
+            if not isinstance(entry, dict):
+                raise bad(f"artefacts.{name}", entry, "an object")
+            for key in ("path", "sha256", "format", "precision"):
+                if key in entry and not isinstance(entry[key], str):
+                    raise bad(f"artefacts.{name}.{key}", entry[key], "a string")
+            if entry.get("parity") is not None and not isinstance(entry["parity"], dict):
+                raise bad(f"artefacts.{name}.parity", entry["parity"], "null or an object")
+            if "bin" in entry and not isinstance(entry["bin"], (str, dict)):
+                raise bad(f"artefacts.{name}.bin", entry["bin"], "a file name or a {path, sha256} object")
+    if record.get("trt") is not None and not isinstance(record["trt"], dict):
+        raise bad("trt", record["trt"], "null or an object")
+    norm = record.get("input_norm")
+    if norm is not None:
+        ok = isinstance(norm, dict) and all(
+            isinstance(norm.get(k), list) and len(norm[k]) == 3 and all(isinstance(v, (int, float)) for v in norm[k])
+            for k in ("mean", "std")
+        )
+        if not ok:
+            raise bad("input_norm", norm, 'null or {"mean": [3 numbers], "std": [3 numbers]}')
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+#: (resolved path, size, mtime_ns) -> sha256, so that a process opening the same artefact twice hashes it once
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def _confined(folder: Path, relative: str, field: str) -> Path:
+    from bilalora.errors import UserError
+
+    if not relative or Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ":" in relative[:3]:
+        raise UserError(f"{folder / SIDECAR_NAME}: {field} {relative!r} is not a path inside the export folder; refused")
+    root = folder.resolve()
+    path = (folder / relative).resolve()
+    if path != root and root not in path.parents:
+        raise UserError(f"{folder / SIDECAR_NAME}: {field} {relative!r} leads outside the export folder; refused")
+    return path
+
+
+def _verify(path: Path, expected: Optional[str], label: str) -> None:
+    from bilalora.errors import UserError
+
+    if not expected:
+        return
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    actual = _VERIFIED.get(key) or sha256_of(path)
+    if actual.lower() != expected.lower():
+        raise UserError(
+            f"{label}: sha256 {actual[:12]}... differs from model.json's {expected[:12]}... (file changed or swapped "
+            "since export); re-export, or pass --no-verify to run it anyway"
+        )
+    _VERIFIED[key] = actual
+
+
+def resolve_artefact(
+    folder: str | os.PathLike, record: Optional[Mapping[str, Any]], name: str, verify: bool = True
+) -> Optional[Path]:
+    """The file of artefact ``name`` of an export folder, confined to the folder and hash-checked.
+
+    Args:
+        folder: the export folder (holding model.json).
+        record: its model.json record (None: no record; then ``folder/name`` is taken as is,
+            unverified, when it exists).
+        name: the artefact's key (its file name, e.g. "model.onnx", "model.xml").
+        verify: compare the file's sha256 with the record's (and the OpenVINO ``bin``'s).
+
+    Returns:
+        the resolved path; None when the record marks the artefact removed (failed gate),
+        when the record lists other artefacts but not this one, or when the file is absent.
+
+    Raises:
+        UserError: the recorded path is absolute or leads outside the folder, or a sha256 differs.
+    """
+    folder = Path(folder)
+    artefacts = (record or {}).get("artefacts")
+    if record is None or artefacts is None:
+        path = folder / name
+        return path if path.is_file() else None
+    entry = artefacts.get(name)
+    if entry is None or entry.get("removed"):
+        return None
+    path = _confined(folder, entry.get("path", name), f"artefacts.{name}.path")
+    if not path.is_file():
+        return None
+    if verify:
+        _verify(path, entry.get("sha256"), str(path))
+    bin_entry = entry.get("bin")
+    if bin_entry is not None:
+        bin_path_text = bin_entry if isinstance(bin_entry, str) else bin_entry.get("path", "")
+        bin_path = _confined(folder, bin_path_text, f"artefacts.{name}.bin")
+        if not bin_path.is_file():
+            from bilalora.errors import UserError
+
+            raise UserError(f"{path}: its weights file {bin_path.name} is missing; re-export")
+        if verify:
+            expected = entry.get("bin_sha256") if isinstance(bin_entry, str) else bin_entry.get("sha256")
+            _verify(bin_path, expected, str(bin_path))
+    return path
+
+
+def artefact_passed(record: Optional[Mapping[str, Any]], name: str) -> Optional[bool]:
+    """Whether artefact ``name`` passed its parity gate: True, False, or None (not measured / no record)."""
+    entry = ((record or {}).get("artefacts") or {}).get(name) or {}
+    parity = entry.get("parity")
+    if not isinstance(parity, dict) or "passed" not in parity:
+        return None
+    return bool(parity["passed"])
 
 
 def engine_mismatch(

@@ -7,7 +7,9 @@
 Sinks write atomically: images go to a temporary name and are renamed into
 place; a video is written to a temporary file and renamed when it is closed,
 also after an interruption, so the frames already written are kept. An image
-that cannot be read is skipped and listed in :attr:`FrameSource.skipped`.
+that cannot be read (:mod:`.decode`: truncated, empty, not an image, a header claiming
+too many pixels, a directory or symlink loop named like an image) is skipped and
+listed in :attr:`FrameSource.skipped` with the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import cv2
 import numpy as np
 
 from bilalora.errors import UserError
+from bilalora.images import IMAGE_SUFFIXES  # the one list of image suffixes (torch-free module)
 from bilalora.io import publish, write_bytes_atomic
+
+from .decode import UnreadableImage, check_entry, read_frame
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -38,7 +43,6 @@ __all__ = [
     "process",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 _STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -81,14 +85,10 @@ class FrameSource:
 
     def _iter_files(self) -> Iterator[Frame]:
         for index, path in enumerate(self._files):
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if image is None:
-                self.skipped.append((path.name, "not a readable image"))
-                continue
-            if image.dtype == np.uint16:
-                image = (image // 257).astype(np.uint8)
-            if image.dtype != np.uint8:
-                self.skipped.append((path.name, f"unsupported pixel type {image.dtype}"))
+            try:
+                image = read_frame(path)
+            except UnreadableImage as exc:
+                self.skipped.append((path.name, exc.reason))
                 continue
             yield Frame(index, path.name, image)
 
@@ -129,10 +129,18 @@ def open_source(spec: str | os.PathLike) -> FrameSource:
         capture = _open_capture(text, text, "stream")
         return FrameSource("stream", text, None, capture.get(cv2.CAP_PROP_FPS) or None, _capture=capture)
     path = Path(text)
+    if path.is_symlink() and not path.exists():
+        try:
+            check_entry(path)
+        except UnreadableImage as exc:
+            raise UserError(f"--input {path}: {exc.reason}") from None
     if not path.exists():
         raise UserError(f"--input {path}: no such file or folder (a folder of images, an image, a video or a camera index)")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # every entry named like an image is listed, files or not: a directory named x.png or a
+        # symlink loop is then reported by name instead of dropped silently; hidden names
+        # (".x.jpg": resource forks, temporary files of an atomic write) are not images
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
         if not files:
             raise UserError(f"--input {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return FrameSource("images", text, len(files), None, _files=files)
@@ -308,23 +316,38 @@ def process(
     Args:
         source, sink: from :func:`open_source` / :func:`open_sink`; the sink is closed here.
         dehaze: uint8 frame -> uint8 frame (a :class:`~.dehazer.Dehazer` or :class:`~.switch.ModelSwitch`).
+            A Dehazer whose export has a fixed batch N gets N frames at a time (``run_frames``;
+            the latency of each is the batch's time over N); the frames buffered when Ctrl-C
+            arrives are not written.
         max_frames: stop after this many frames (0: all).
         on_frame: called with each frame and its latency in ms (progress bars).
     """
     report = StreamReport()
     started = time.perf_counter()
-    try:
-        for frame in source:
-            if max_frames and report.frames >= max_frames:
-                break
-            tick = time.perf_counter()
-            image = dehaze(frame.image)
-            latency = 1000.0 * (time.perf_counter() - tick)
+    batch = int(getattr(dehaze, "batch_size", 1) or 1) if hasattr(dehaze, "run_frames") else 1
+    pending: list[Frame] = []
+
+    def flush() -> None:
+        tick = time.perf_counter()
+        images = dehaze.run_frames([f.image for f in pending]) if batch > 1 else [dehaze(pending[0].image)]
+        latency = 1000.0 * (time.perf_counter() - tick) / len(pending)
+        for frame, image in zip(pending, images):
             sink.write(frame, image)
             report.frames += 1
             report.latency_ms.append(latency)
             if on_frame is not None:
                 on_frame(frame, latency)
+        pending.clear()
+
+    try:
+        for frame in source:
+            if max_frames and report.frames + len(pending) >= max_frames:
+                break
+            pending.append(frame)
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
     except KeyboardInterrupt:
         report.interrupted = True
     finally:

@@ -195,7 +195,7 @@ def test_model_errors_are_one_line(tmp_path, exported):
     with pytest.raises(UserError, match="no such file"):
         Dehazer(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(UserError, match="not a .onnx or .engine"):
+    with pytest.raises(UserError, match="not a .onnx, .xml or .engine"):
         Dehazer(tmp_path / "notes.txt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="bilalora export"):
@@ -248,6 +248,21 @@ class _FakeCudart(types.SimpleNamespace):
         self.calls.append("free")
         return (0,)
 
+    def cudaMallocHost(self, nbytes):
+        import ctypes
+
+        buffer = (ctypes.c_uint8 * nbytes)()
+        pointer = ctypes.addressof(buffer)
+        self.host = getattr(self, "host", {})
+        self.host[pointer] = buffer
+        self.calls.append("pin")
+        return (0, pointer)
+
+    def cudaFreeHost(self, pointer):
+        self.host.pop(pointer)
+        self.calls.append("unpin")
+        return (0,)
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         import ctypes
 
@@ -258,8 +273,15 @@ class _FakeCudart(types.SimpleNamespace):
         return (0,)
 
 
-def _fake_tensorrt(cudart: _FakeCudart, version="10.9.0.34", max_hw=(64, 64)):
-    """A ``tensorrt`` stand-in whose engine computes 1 - x on the fake device memory."""
+def _fake_tensorrt(cudart: _FakeCudart, version="10.9.0.34", max_hw=(64, 64), io=None, batch=(1, 1), fail_run=False):
+    """A ``tensorrt`` stand-in whose engine computes 1 - x on the fake device memory.
+
+    ``io``: the engine's I/O tensors as (name, "input"|"output", dtype name); ``batch``: profile N (min, max);
+    ``fail_run``: execute_async_v3 raises like a CUDA error would surface.
+    """
+    io = io or [("input", "input", "FLOAT"), ("output", "output", "FLOAT")]
+    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    DataType = types.SimpleNamespace(FLOAT="float32", HALF="float16")
 
     class Context:
         def __init__(self):
@@ -283,6 +305,8 @@ def _fake_tensorrt(cudart: _FakeCudart, version="10.9.0.34", max_hw=(64, 64)):
             self.addresses[name] = pointer
 
         def execute_async_v3(self, stream):
+            if fail_run:
+                raise RuntimeError("CUDA error 700: an illegal memory access was encountered")
             count = int(np.prod(self.shape))
             x = cudart.memory[self.addresses["input"]][: 4 * count].view(np.float32)
             cudart.memory[self.addresses["output"]][: 4 * count] = (1.0 - x).view(np.uint8)
@@ -292,11 +316,23 @@ def _fake_tensorrt(cudart: _FakeCudart, version="10.9.0.34", max_hw=(64, 64)):
         def __init__(self):
             self.context = Context()
 
+        num_io_tensors = len(io)
+
         def create_execution_context(self):
             return self.context
 
+        def get_tensor_name(self, index):
+            return io[index][0]
+
+        def get_tensor_mode(self, name):
+            mode = next(m for n, m, _ in io if n == name)
+            return TensorIOMode.INPUT if mode == "input" else TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return getattr(DataType, next(d for n, _, d in io if n == name))
+
         def get_tensor_profile_shape(self, name, index):
-            return [(1, 3, 16, 16), (1, 3, 32, 32), (1, 3, *max_hw)]
+            return [(batch[0], 3, 16, 16), (batch[0], 3, 32, 32), (batch[1], 3, *max_hw)]
 
     class Runtime:
         def __init__(self, logger):
@@ -311,7 +347,9 @@ def _fake_tensorrt(cudart: _FakeCudart, version="10.9.0.34", max_hw=(64, 64)):
         def __init__(self, level):
             pass
 
-    return types.SimpleNamespace(__version__=version, Runtime=Runtime, Logger=Logger)
+    return types.SimpleNamespace(
+        __version__=version, Runtime=Runtime, Logger=Logger, TensorIOMode=TensorIOMode, DataType=DataType
+    )
 
 
 def test_tensorrt_backend_runs_tiles_and_frees(tmp_path):
@@ -326,8 +364,11 @@ def test_tensorrt_backend_runs_tiles_and_frees(tmp_path):
         np.testing.assert_array_equal(dehaze(frame), 255 - frame)
     shapes = dehaze.backend.context.shapes
     assert all(16 <= s[2] <= 64 and 16 <= s[3] <= 64 for s in shapes) and len(shapes) > 3
+    assert "pin" in cudart.calls  # page-locked host buffers for the copies
     dehaze.close()
-    assert "free" in cudart.calls and "destroy" in cudart.calls
+    assert "free" in cudart.calls and "destroy" in cudart.calls and "unpin" in cudart.calls
+    assert dehaze.backend.context is None and dehaze.backend.engine is None and dehaze.backend.runtime is None
+    assert not cudart.host  # every pinned buffer freed
 
 
 def test_engine_from_another_tensorrt_falls_back_to_onnx(exported, tmp_path):
@@ -413,7 +454,7 @@ def test_image_folder_skips_unreadable_files(tmp_path):
     source = open_source(src)
     assert source.kind == "images" and source.total == 4
     report = process(source, open_sink(tmp_path / "out", source), lambda f: 255 - f)
-    assert report.frames == 3 and report.skipped == [("broken.jpg", "not a readable image")]
+    assert report.frames == 3 and report.skipped == [("broken.jpg", "not an image (OpenCV cannot decode it)")]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.png", "f1.png", "f2.png"]
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "out" / "f1.png")), 255 - _frame(20, 30, seed=1))
     assert report.as_dict()["latency_ms"]["p50"] >= 0
@@ -525,7 +566,7 @@ def test_run_one_image_to_an_image_path(exported, tmp_path):
         (["-i", "{tmp}/none", "-o", "{tmp}/o"], "no --model given"),
         (["-m", "{model}", "-i", "{tmp}/none", "-o", "{tmp}/o"], "--input"),
         (["-m", "{tmp}/none", "-i", "{tmp}", "-o", "{tmp}/o"], "--model"),
-        (["-m", "{model}", "-i", "{tmp}", "-o", "{tmp}/o", "--precision", "int8"], "--precision"),
+        (["-m", "{model}", "-i", "{tmp}", "-o", "{tmp}/o", "--precision", "int4"], "--precision"),
         (["-m", "{model}", "-i", "{tmp}", "-o", "{tmp}/o", "--tile", "4"], "--tile"),
         (["-m", "{model}", "-i", "{tmp}", "-o", "{tmp}/o", "--night-model", "{model}", "--night-below", "2"],
          "--night-below"),
