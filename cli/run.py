@@ -75,11 +75,12 @@ def run_command(
         from .run_ray import run_ray
 
         dehazer = dict(providers=parse_list(providers), prefer=prefer, precision=precision, tile=tile, overlap=overlap,
-                       threads=threads)  # fmt: skip
+                       threads=threads, verify=verify)  # fmt: skip
         refused = {"--night-model": night_model is not None, "--skip-clear": skip_clear, "--max-frames": max_frames != 0}
         return run_ray(input=input, output=output, model=model, manifest=manifest, address=ray_address, resume=resume,
                        workers=workers, worker_cpus=worker_cpus, batch=batch, chunk_frames=chunk_frames, dehazer=dehazer,
-                       default_model=_default_model, record_path=_record_path, refused=refused)  # fmt: skip
+                       overwrite=overwrite, default_model=_default_model, record_path=_record_path,
+                       refused=refused)  # fmt: skip
     if input is None or output is None:
         raise UserError("give --input and --output (--manifest FILE with --ray)")
     chosen = model if model is not None else _default_model()
