@@ -1,16 +1,23 @@
-"""Adaptation runs through the library: stages, records, resume after an interruption."""
+"""Adaptation runs through the library: stages, records, held-out improvement, resume, refusals."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from bad_corpus import make_bad_corpus
 
 from bilalora import backbones
-from bilalora.adapt import AdaptConfig, adapt
+from bilalora.adapt import MIN_SEARCH_STEPS, AdaptConfig, adapt, resolve_schedule, split_images
+from bilalora.adapt.report import gate_separation, movement
+from bilalora.adapt.schedule import StepCrops, eval_batches
 from bilalora.adapter import Adapter
 from bilalora.errors import UserError
+from bilalora.runs import read_split
 
 
 class ToyObjective:
@@ -28,7 +35,8 @@ class ToyObjective:
 
 
 def _config(**changes):
-    config = AdaptConfig(epochs=3, search_epochs=2, batch=2, crop=32, checkpoint_every=1, workers=0, top_k=2)
+    config = AdaptConfig(steps=6, search_steps=4, batch=2, crop=32, checkpoint_every=1, workers=0, top_k=2,
+                         log_every=2)
     config.optim.lr = 1e-3
     config.optim.gate_lr = 1e-2
     for key, value in changes.items():
@@ -36,38 +44,66 @@ def _config(**changes):
     return config
 
 
-def _model():
-    torch.manual_seed(0)
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
     return backbones.create("dea-net-t")
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_bilevel_run_writes_records(tmp_path, hazy_folder):
     result = adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "run")
     run = tmp_path / "run"
-    for name in ("adapter.safetensors", "summary.json", "log.jsonl", "split.json", "checkpoints/last.pt"):
+    for name in ("adapter.safetensors", "summary.json", "log.jsonl", "split.json", "checkpoints/last.pt",
+                 "results.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["ranking"]) == 16 and len(summary["selected"]) == 2
     assert summary["selected"] == [name for name, _ in summary["ranking"][:2]]
+    assert summary["schedule"] == {"search": 4, "finetune": 2}
     assert summary["stages"]["search"]["steps"] == 4 and summary["stages"]["finetune"]["steps"] == 2
     assert summary["trainable_parameters"]["finetune"] < summary["trainable_parameters"]["search"]
-    assert summary["movement"]["mean_abs_output_change"] > 0
-    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert len(lines) == 6 and "gates" in lines[0] and "val_loss" in lines[0]
+    assert summary["movement"]["split"] == "test" and summary["movement"]["mean_abs_output_change"] > 0
+    # gates read at every log line (here every step: checkpoint_every=1 flushes the window)
+    trajectory = summary["gates"]["trajectory"]
+    assert trajectory["steps"] == [1, 2, 3, 4] and len(trajectory["values"]) == 16
+    assert all(len(series) == 4 for series in trajectory["values"].values())
+    final = {name: series[-1] for name, series in trajectory["values"].items()}
+    assert sorted(final, key=lambda n: -final[n])[:2] == summary["selected"]
+    separation = summary["gates"]["separation"]
+    ordered = sorted(final.values(), reverse=True)
+    assert separation["gap"] == pytest.approx(ordered[1] - ordered[2])
+    lines = _log(run)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]  # checkpoint_every=1 flushes every step
+    assert "gates" in lines[1] and "val_loss" in lines[1] and "gates" not in lines[-1]
     adapter = Adapter.load(run / "adapter.safetensors")
     assert list(adapter.sites) == summary["selected"] and adapter.meta["method"] == "bilevel"
     split = json.loads((run / "split.json").read_text())
-    assert len(split["train"]) == 4 and len(split["val"]) == 4 and not set(split["train"]) & set(split["val"])
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (3, 3, 2)
+    assert not (set(split["train"]) & set(split["val"])) and not (set(split["test"]) & set(split["train"] + split["val"]))
+    assert all("/" not in name for name in split["train"])  # relative to images_root
+    assert Path(split["images_root"]).is_absolute()
     merged = adapter.merge_into(_model())
     assert set(merged.state_dict()) == set(_model().state_dict())
     assert result.adapter is not None
 
 
+def test_log_every_n_steps(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    adapt(_model(), hazy_folder, ToyObjective(), _config(steps=8, search_steps=5, log_every=3, checkpoint_every=0),
+          run)
+    lines = _log(run)
+    assert [(line["step"], line["steps"]) for line in lines] == [(3, 3), (5, 2), (8, 3)]
+    assert json.loads((run / "summary.json").read_text())["gates"]["trajectory"]["steps"] == [3, 5]
+
+
 @pytest.mark.parametrize("method", ["joint", "manual", "full"])
 def test_baselines_run(tmp_path, hazy_folder, method):
     sites = ["level3_block1", "level3_block2"] if method == "manual" else None
-    result = adapt(_model(), hazy_folder, ToyObjective(), _config(method=method, sites=sites, epochs=2,
-                                                                    search_epochs=1), tmp_path / method)
+    result = adapt(_model(), hazy_folder, ToyObjective(), _config(method=method, sites=sites, steps=3,
+                                                                    search_steps=2), tmp_path / method)
     summary = result.summary
     assert summary["method"] == method
     if method == "full":
@@ -81,7 +117,41 @@ def test_baselines_run(tmp_path, hazy_folder, method):
             assert all(value == 1.0 for value in adapter.sites.values())
 
 
-def test_resume_reaches_the_same_adapter(tmp_path, hazy_folder):
+def test_objective_goes_down_on_held_out_crops(tmp_path, hazy_folder):
+    """The adapted model scores better than the base on the test split's crops (never trained on)."""
+    config = _config(method="manual", sites=["down_level1_block1", "down_level2_block1", "level3_block1", "level3_block4"],
+                     steps=25, batch=4, checkpoint_every=0, log_every=5)
+    config.optim.lr = 3e-3
+    result = adapt(_model(), hazy_folder, ToyObjective(), config, tmp_path / "run")
+    held_out = result.summary["movement"]
+    assert held_out["split"] == "test" and held_out["images"] == 2
+    assert held_out["objective_after"] < 0.9 * held_out["objective_before"], held_out
+    # and directly: recompute on the held-out images with the saved adapter
+    split = read_split(tmp_path / "run")
+    from bilalora.data import ImageFolder
+
+    folder = ImageFolder(hazy_folder)
+    images = [folder[folder.paths.index(p)] for p in split["test"]]
+    adapted = result.adapter.merge_into(_model())
+    again = movement(_model(), adapted, ToyObjective(), eval_batches(images, 32, 4), "cpu")
+    assert again["objective_after"] == pytest.approx(held_out["objective_after"], rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_movement_is_zero_for_an_unchanged_model(tmp_path, hazy_folder, precision):
+    """lr 0: nothing moves; the report must say exactly 0 whatever the training precision and layout."""
+    config = _config(method="manual", sites=["level3_block1", "down_level2_block1"], steps=2, precision=precision)
+    config.optim.lr = 0.0
+    result = adapt(_model(), hazy_folder, ToyObjective(), config, tmp_path / "run")
+    assert result.summary["movement"]["mean_abs_output_change"] == 0.0
+    assert result.summary["negligible_change"]
+    base = _model()
+    images = [torch.rand(3, 40, 40).permute(1, 2, 0).numpy() for _ in range(3)]
+    copy = _model().to(memory_format=torch.channels_last)
+    assert movement(base, copy, ToyObjective(), eval_batches(images, 32, 2), "cpu")["mean_abs_output_change"] == 0.0
+
+
+def test_resume_reaches_the_same_adapter_without_repeating_log_lines(tmp_path, hazy_folder):
     reference = adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "straight").adapter
 
     class Interrupt(Exception):
@@ -94,31 +164,235 @@ def test_resume_reaches_the_same_adapter(tmp_path, hazy_folder):
     with pytest.raises(Interrupt):
         adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "broken", on_step=stop_at_three)
     assert not (tmp_path / "broken" / "adapter.safetensors").exists()
-    resumed = adapt(_model(), hazy_folder, ToyObjective(), _config(epochs=99), tmp_path / "broken", resume=True)
-    assert resumed.summary["config"]["epochs"] == 3  # the checkpoint's settings win
+    messages = []
+    resumed = adapt(_model(), hazy_folder, ToyObjective(), _config(rank=4), tmp_path / "broken", resume=True,
+                    console=_Recorder(messages))
+    assert resumed.summary["config"]["rank"] == 8  # the checkpoint's settings win ...
+    assert any("--rank ignored" in m for m in messages)  # ... and the user is told
     adapter = resumed.adapter
     assert list(adapter.sites) == list(reference.sites)
     for key, value in reference.tensors.items():
         assert torch.equal(adapter.tensors[key], value), key
     for name, gate in reference.sites.items():
         assert adapter.sites[name] == gate
+    assert [line["step"] for line in _log(tmp_path / "broken")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_bad_settings(tmp_path, hazy_folder):
-    with pytest.raises(UserError, match="--sites"):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(method="manual"), tmp_path / "r")
-    with pytest.raises(UserError, match="--search-epochs"):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(search_epochs=5), tmp_path / "r")
-    with pytest.raises(UserError, match="no checkpoint"):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "fresh", resume=True)
-    with pytest.raises(UserError, match="no images"):
-        adapt(_model(), tmp_path / "fresh", ToyObjective(), _config(), tmp_path / "r2")
+def test_resume_applies_a_longer_schedule(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        adapt(_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    messages = []
+    result = adapt(_model(), hazy_folder, ToyObjective(), _config(steps=9), run, resume=True,
+                   console=_Recorder(messages), given=["steps"])
+    assert result.summary["schedule"] == {"search": 4, "finetune": 5}
+    assert any("applying --steps" in m for m in messages) and not any("ignored" in m for m in messages)
 
 
-def test_nan_loss_is_skipped_then_aborts(tmp_path, hazy_folder):
+def test_resume_with_other_weights_is_refused(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    adapt(_model(), hazy_folder, ToyObjective(), _config(), run)
+    with pytest.raises(UserError, match="not the ones the interrupted run"):
+        adapt(_model(seed=1), hazy_folder, ToyObjective(), None, run, resume=True)
+
+
+def test_crafted_checkpoint_does_not_run_code(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    adapt(_model(), hazy_folder, ToyObjective(), _config(), run)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(run / "checkpoints" / "last.pt", "wb") as handle:
+        pickle.dump({"config": Payload()}, handle)
+    with pytest.raises(UserError) as caught:
+        adapt(_model(), hazy_folder, ToyObjective(), None, run, resume=True)
+    assert not marker.exists()
+    assert "\n" not in caught.value.message and "cannot read the checkpoint" in caught.value.message
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    adapt(_model(), hazy_folder, ToyObjective(), _config(), run)
+    path = run / "checkpoints" / "last.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(UserError, match="cannot read the checkpoint") as caught:
+        adapt(_model(), hazy_folder, ToyObjective(), None, run, resume=True)
+    assert "\n" not in caught.value.message
+
+
+def test_existing_run_is_refused_unless_exist_ok(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    adapt(_model(), hazy_folder, ToyObjective(), _config(), run)
+    first = (run / "adapter.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a run"):
+        adapt(_model(), hazy_folder, ToyObjective(), _config(), run)
+    assert (run / "adapter.safetensors").read_bytes() == first
+    adapt(_model(), hazy_folder, ToyObjective(), _config(seed=3), run, exist_ok=True)
+    assert json.loads((run / "summary.json").read_text())["config"]["seed"] == 3
+
+
+def test_failed_run_leaves_no_folder(tmp_path, hazy_folder):
     class NanObjective(ToyObjective):
         def __call__(self, output, hazy):
             return output.mean() * float("nan")
 
     with pytest.raises(UserError, match="NaN"):
-        adapt(_model(), hazy_folder, NanObjective(), _config(max_bad_steps=3), tmp_path / "nan")
+        adapt(_model(), hazy_folder, NanObjective(), _config(max_bad_steps=3, checkpoint_every=0, log_every=1),
+              tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
+    with pytest.raises(UserError, match="no images"):
+        adapt(_model(), tmp_path, ToyObjective(), _config(), tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_bad_settings(tmp_path, hazy_folder):
+    cases = [
+        ({"method": "manual"}, "--sites"),
+        ({"search_steps": 9}, "longer than the whole run"),
+        ({"seed": -1}, "--seed"),
+        ({"top_k": 17}, "--top-k 17 is more than the 16"),
+        ({"crop": 10}, "--crop"),
+        ({"test_fraction": 1.0}, "--test-fraction"),
+    ]
+    for changes, expected in cases:
+        with pytest.raises(UserError, match=expected):
+            adapt(_model(), hazy_folder, ToyObjective(), _config(**changes), tmp_path / "r")
+    for field in ("lr", "gate_lr"):
+        config = _config()
+        setattr(config.optim, field, -1.0)
+        with pytest.raises(UserError, match="--" + field.replace("_", "-")):
+            adapt(_model(), hazy_folder, ToyObjective(), config, tmp_path / "r")
+    with pytest.raises(UserError, match="no checkpoint"):
+        adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "fresh", resume=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tiny_crops_and_tiny_images(tmp_path):
+    """--crop 8 is refused in one line (DEA-Net needs 16); images of 12 px or less are upsized to the crop."""
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index, side in enumerate((1, 5, 8, 12, 12, 30)):
+        cv2.imwrite(str(folder / f"t{index}.png"), rng.integers(0, 255, (side, side + index, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="--crop 8 is too small for this backbone") as caught:
+        adapt(_model(), folder, ToyObjective(), _config(crop=8, steps=2, search_steps=1), tmp_path / "run")
+    assert "\n" not in caught.value.message and not (tmp_path / "run").exists()
+    result = adapt(_model(), folder, ToyObjective(), _config(crop=16, steps=2, search_steps=1), tmp_path / "run")
+    assert result.summary["data"]["n_images"] == 6
+
+
+def test_bad_corpus_every_bad_file_named_every_good_file_used(tmp_path):
+    corpus = make_bad_corpus(tmp_path / "mixed")
+    messages = []
+    result = adapt(_model(), corpus["folder"], ToyObjective(), _config(steps=2, search_steps=1), tmp_path / "run",
+                   console=_Recorder(messages))
+    text = " ".join(messages)
+    for name in corpus["bad"]:
+        assert name in text, name
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    used = sorted(split["train"] + split["val"] + split["test"])
+    assert used == sorted(corpus["good"])
+    data = result.summary["data"]
+    assert sorted(data["skipped"] + list(data["not_files"])) == sorted(corpus["bad"])
+
+
+def test_resume_from_another_directory(tmp_path, hazy_folder, monkeypatch):
+    monkeypatch.chdir(hazy_folder.parent)
+    run = tmp_path / "run"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        adapt(_model(), Path(hazy_folder.name), ToyObjective(), _config(), run, on_step=stop)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = adapt(_model(), hazy_folder, ToyObjective(), None, run, resume=True)
+    assert result.summary["stages"]["finetune"]["steps"] == 2
+    assert all(p.is_file() for p in read_split(run)["test"])
+
+
+def test_default_schedule_has_a_floor_in_steps():
+    """Any folder of 8-100 images gets at least ~55 search steps at the default batch."""
+    for n_images in (8, 20, 34, 68, 100):
+        split = split_images([Path(f"{i:03d}.jpg") for i in range(n_images)], seed=0, test_fraction=0.2)
+        schedule = resolve_schedule(AdaptConfig(), len(split.train))
+        assert schedule.steps("search") >= 50 and schedule.steps("search") >= MIN_SEARCH_STEPS
+        assert schedule.steps("finetune") >= 270
+        assert "search 55 steps" in schedule.describe()
+    big = resolve_schedule(AdaptConfig(), 480)  # 20 steps per epoch: the paper's 5 / 30 epochs win
+    assert big.as_dict() == {"search": 100, "finetune": 500}
+    assert resolve_schedule(AdaptConfig(epochs=3, search_epochs=1), 8).as_dict() == {"search": 1, "finetune": 2}
+    assert resolve_schedule(AdaptConfig(method="manual"), 40).as_dict() == {"finetune": 330}
+
+
+def test_split_holds_out_a_test_image():
+    for n_images, expected_test in ((1, 0), (2, 0), (3, 1), (8, 2), (68, 14)):
+        split = split_images([Path(f"{i}.jpg") for i in range(n_images)], seed=0, test_fraction=0.2)
+        assert len(split.test) == expected_test
+        assert len(split.train) >= 1 and len(split.val) >= 1
+    assert split_images([Path("a.jpg"), Path("b.jpg")], 0, 0.2).warnings  # says no held-out image
+
+
+def test_step_crops_are_deterministic_and_cover_small_folders():
+    import numpy as np
+
+    images = [np.full((20, 24, 3), i / 4, dtype=np.float32) for i in range(3)]
+    crops = StepCrops(images, batch_size=7, crop=8, seed=5)
+    first = crops.batch(4)
+    assert first.shape == (7, 3, 8, 8) and first.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first, StepCrops(images, 7, 8, 5).batch(4))
+    assert not torch.equal(first, StepCrops(images, 7, 8, 6).batch(4))
+    # 3 steps x 7 crops = 21 slots = 7 passes: every image drawn exactly 7 times
+    seen = [crops.slot(j)[1] for j in range(21)]
+    assert sorted(seen.count(i) for i in range(3)) == [7, 7, 7]
+
+
+def test_gate_separation_within_noise():
+    steady = {"steps": [1, 2, 3, 4], "values": {"a": [0.5, 0.6, 0.7, 0.8], "b": [0.5, 0.5, 0.5, 0.5],
+                                                "c": [0.5, 0.4, 0.3, 0.2]}}
+    clear = gate_separation(steady, top_k=1)
+    assert clear["gap"] == pytest.approx(0.3) and not clear["within_noise"]
+    noisy = {"steps": [1, 2, 3, 4], "values": {"a": [0.5, 0.52, 0.49, 0.502], "b": [0.5, 0.49, 0.52, 0.501],
+                                               "c": [0.5, 0.51, 0.48, 0.499]}}
+    result = gate_separation(noisy, top_k=1)
+    assert result["within_noise"] and result["kth"] == "a" and result["next"] == "b"
+
+
+class _Recorder:
+    """A rich console writing into a buffer; ``lines`` (a list) receives the text when read."""
+
+    def __new__(cls, lines):
+        import io
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=400, highlight=False, soft_wrap=True)
+        original = console.print
+
+        def record(*parts, **kwargs):
+            original(*parts, **kwargs)
+            lines[:] = buffer.getvalue().splitlines()
+
+        console.print = record
+        return console
