@@ -493,3 +493,96 @@ def test_prior_on_uint8_like_real_image_shape():
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.random((1, 3, 50, 70), dtype=np.float32))
     assert torch.isfinite(Prior()(image, image))
+
+
+# ----------------------------------------------------------------------------
+# precision and per-batch caching (#12.1)
+# ----------------------------------------------------------------------------
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+def _prior_grad(output: torch.Tensor, hazy: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    y = output.clone().requires_grad_(True)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with context:
+        loss = Prior()(y, hazy)
+    loss.backward()
+    return loss.detach(), y.grad
+
+
+def test_prior_is_fp32_inside_a_bf16_autocast_region():
+    clear = textured(4, 96, seed=3)
+    hazy = clear * 0.55 + 0.4  # thick grey haze
+    output = (clear * 0.9 + 0.05 + 0.02 * torch.randn(clear.shape, generator=torch.Generator().manual_seed(0)))
+    loss32, grad32 = _prior_grad(output, hazy, autocast=False)
+    loss16, grad16 = _prior_grad(output, hazy, autocast=True)
+    assert loss16.dtype == torch.float32
+    assert _cosine(grad16, grad32) >= 0.99
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-5)
+    # the structure term alone (variance E[y^2] - mu^2 after a blur) is the fragile one
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        structure = Prior().terms(output, hazy)["structure"]
+    assert structure.dtype == torch.float32 and (structure >= -1e-6).all()
+
+
+def test_h2c_under_bf16_autocast_gives_fp32_loss(tiny_loaded):
+    obj = tiny_h2c(tiny_loaded, precision="fp32")
+    output, hazy = textured(2, 48, seed=1), textured(2, 48, seed=2) * 0.5 + 0.4
+    reference = obj(output, hazy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = obj(output, hazy)
+    assert inside.dtype == torch.float32 and float(inside) == pytest.approx(float(reference), abs=1e-6)
+
+
+def test_h2c_clip_precision_is_its_own(tiny_loaded):
+    full = tiny_h2c(tiny_loaded, precision="fp32")
+    half = tiny_h2c(tiny_loaded, precision="bf16")
+    assert full.clip_dtype(torch.device("cpu")) == torch.float32
+    assert half.clip_dtype(torch.device("cpu")) == torch.bfloat16
+    assert tiny_h2c(tiny_loaded).clip_dtype(torch.device("cpu")) == torch.float32  # auto: fp32 off CUDA
+    images = textured(3, 48, seed=4)
+    emb32, emb16 = full.encode_image(images), half.encode_image(images)
+    assert emb16.dtype == torch.float32  # what the loss sees
+    assert min(_cosine(a, b) for a, b in zip(emb16, emb32)) > 0.98
+    with pytest.raises(UserError, match="precision"):
+        tiny_h2c(tiny_loaded, precision="int8")
+
+
+def test_hazy_embedding_once_per_batch(tiny_loaded, monkeypatch):
+    obj = tiny_h2c(tiny_loaded)
+    calls = []
+    original = obj.model.encode_image
+
+    def counting(images, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr(obj.model, "encode_image", counting)
+    hazy = textured(2, 48, seed=5) * 0.5 + 0.4
+    outputs = [textured(2, 48, seed=s).requires_grad_(True) for s in (6, 7, 8)]
+    losses = [obj(out, hazy) for out in outputs]
+    assert calls.count(False) == 1 and calls.count(True) == 3  # hazy once, each output once
+    # the same hazy values in a new tensor, or the tensor modified in place, are encoded again
+    calls.clear()
+    again = obj(outputs[0], hazy.clone())
+    assert calls.count(False) == 1 and float(again) == pytest.approx(float(losses[0]), abs=1e-6)
+    calls.clear()
+    hazy.mul_(0.9)
+    obj(outputs[0], hazy)
+    assert calls.count(False) == 1
+    # prepare() does the hazy pass ahead; the calls then only encode outputs
+    calls.clear()
+    batch = textured(2, 48, seed=9)
+    obj.prepare(batch)
+    obj(outputs[1], batch)
+    obj(outputs[2], batch)
+    assert calls.count(False) == 1 and calls.count(True) == 2
+    # a composite prepares its parts
+    composite = Composite([(obj, 1.0), (Prior(), 0.5)])
+    calls.clear()
+    other = textured(2, 48, seed=10)
+    composite.prepare(other)
+    composite(outputs[0], other)
+    assert calls.count(False) == 1

@@ -1,6 +1,6 @@
 """Objectives for adaptation: H2C (CLIP text-directed), Prior (CLIP-free), compositions.
 
-    obj = build_objective("h2c")                          # METHOD.md section 2
+    obj = build_objective("h2c")                          # CLIP text-directed (docs/method.md)
     obj = build_objective("prior")                        # air-gapped, no CLIP
     obj = build_objective("h2c:1+prior:0.5", pretrained="clip.safetensors", exposure_weight=2)
     loss = obj(output, hazy)      # (N, 3, H, W) each -> 0-d tensor
@@ -89,6 +89,10 @@ class Composite(Objective):
         terms["total"] = total.detach()
         self._terms = terms
         return total
+
+    def prepare(self, hazy: torch.Tensor) -> None:
+        for obj, _ in self.parts:
+            obj.prepare(hazy)
 
     def describe(self) -> dict:
         return {"name": self.name, "parts": [{"weight": w, **obj.describe()} for obj, w in self.parts]}

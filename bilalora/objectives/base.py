@@ -9,18 +9,28 @@ from and returns a 0-d loss tensor to minimise:
 Objectives are deliberately **not** ``nn.Module``: whatever frozen networks they
 hold (CLIP) can never leak into an optimiser through ``.parameters()``, and
 ``model.train()`` on the backbone never touches them.
+
+Precision: an objective computes in float32 whatever autocast region it is
+called from (:func:`fp32_region`); reduced precision belongs to the backbone
+(and to CLIP's own forward, see :class:`~bilalora.objectives.h2c.H2C`). Under
+bf16 the prior's blur convolutions and E[y^2] - mu^2 variances lose the signal.
+
+Per-batch work on the hazy input (CLIP's embedding of it) is done once:
+``objective.prepare(hazy)`` computes it ahead, and every call with the same
+tensor (same object, unmodified) reuses it.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any
 
 import torch
 
 from ..errors import UserError
 
-__all__ = ["Objective", "check_pair", "clamp01"]
+__all__ = ["Objective", "check_pair", "clamp01", "fp32_region", "HazyCache"]
 
 
 class _InwardClamp(torch.autograd.Function):
@@ -55,6 +65,47 @@ def clamp01(x: torch.Tensor) -> torch.Tensor:
     them back toward [0, 1] and nothing that pushes them further out.
     """
     return _InwardClamp.apply(x)
+
+
+def fp32_region(tensor: torch.Tensor):
+    """A context where autocast is off for ``tensor``'s device type: the objective's arithmetic runs in the
+    dtype of its (float32) inputs even when the caller runs the backbone under bf16/fp16 autocast."""
+    try:
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+class HazyCache:
+    """A small cache of per-batch results on the hazy input, keyed by tensor identity and version.
+
+    An entry holds a reference to its tensor (so the identity cannot be reused by another
+    tensor) and the tensor's in-place version counter at the time; a modified or different
+    tensor misses. ``size`` entries are kept (a search step alternates train and validation batches).
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: list[tuple[torch.Tensor, int, Any]] = []
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, tensor: torch.Tensor, compute):
+        """The cached value for ``tensor``, else ``compute(tensor)`` (stored)."""
+        for index, (held, version, value) in enumerate(self._entries):
+            if held is tensor and held._version == version:
+                self.hits += 1
+                if index:
+                    self._entries.insert(0, self._entries.pop(index))
+                return value
+        self.misses += 1
+        value = compute(tensor)
+        self._entries.insert(0, (tensor, tensor._version, value))
+        del self._entries[self.size:]
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def check_pair(name: str, output: torch.Tensor, hazy: torch.Tensor, same_size: bool = True) -> None:
@@ -99,6 +150,10 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
         """The loss of one batch (subclasses define it)."""
+
+    def prepare(self, hazy: torch.Tensor) -> None:
+        """Compute what depends only on the hazy batch (N, 3, H, W) in [0, 1] ahead of the calls
+        (default: nothing). Calls with the same, unmodified tensor reuse it."""
 
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (name, prompts, CLIP model and source, term weights, mode)."""

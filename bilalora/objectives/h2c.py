@@ -1,4 +1,4 @@
-"""H2C: the haze-to-clear text-directed CLIP loss (METHOD.md section 2).
+"""H2C: the haze-to-clear text-directed CLIP loss (docs/method.md, "H2C").
 
 With n(v) = v / ||v|| and CLIP encoders E_I (image) and E_T (text):
 
@@ -15,8 +15,15 @@ The backbone sees [0, 1] images; only the copies fed to CLIP are clamped
 (:func:`~bilalora.objectives.base.clamp01`), resized to CLIP's input size
 (224 x 224 for ViT-B/32; bicubic, antialiased) and normalised with the model's
 mean/std. Text features are computed once at construction; E_I(in) is computed
-under ``torch.no_grad`` once per call; the CLIP weights are frozen and are not
-reachable through any ``.parameters()`` (an objective is not an ``nn.Module``).
+under ``torch.no_grad`` once per hazy batch (:meth:`H2C.prepare`, or the first
+call with that tensor; later calls with the same, unmodified tensor reuse it);
+the CLIP weights are frozen and are not reachable through any ``.parameters()``
+(an objective is not an ``nn.Module``).
+
+Precision: the loss is computed in float32 with autocast off, whatever region
+the caller is in. CLIP's own forward runs in ``precision`` (``"auto"``: bf16
+autocast on CUDA where supported, float32 elsewhere); its input resizing and
+normalisation, the embedding normalisation and the loss stay in float32.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Objective, check_pair, clamp01
+from .base import HazyCache, Objective, check_pair, clamp01, fp32_region
 from .clip_loader import LoadedClip, load_clip
 
 __all__ = ["DEFAULT_NEGATIVE", "DEFAULT_POSITIVE", "H2C", "MODES", "NIGHT_NEGATIVE", "h2c_from_embeddings"]
@@ -34,6 +41,8 @@ DEFAULT_NEGATIVE = "a photo with haze"
 DEFAULT_POSITIVE = "a clear photo"
 NIGHT_NEGATIVE = "a photo with nighttime haze"
 MODES = ("both", "positive", "negative")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _EPS = 1e-8
 
 
@@ -90,6 +99,8 @@ class H2C(Objective):
         positive: positive prompt; None = "a clear photo".
         night: use "a photo with nighttime haze" as the default negative prompt.
         mode: ``"both"`` | ``"positive"`` | ``"negative"`` (ablations).
+        precision: CLIP's forward precision: ``"auto"`` (bf16 on CUDA where supported, else
+            fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast around CLIP only).
         device: where to load CLIP (move later with :meth:`to`).
         loaded: an already loaded :class:`LoadedClip` (skips loading; tests, sharing).
 
@@ -111,10 +122,15 @@ class H2C(Objective):
         mode: str = "both",
         device: str = "cpu",
         loaded: LoadedClip | None = None,
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise UserError(f"H2C mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if precision not in PRECISIONS:
+            raise UserError(f"H2C precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self._hazy = HazyCache()
         self.mode = mode
         self.night = bool(night)
         self.negative = negative if negative else (NIGHT_NEGATIVE if night else DEFAULT_NEGATIVE)
@@ -145,19 +161,48 @@ class H2C(Objective):
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
+    def clip_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype CLIP's forward runs in on ``device`` (see ``precision``)."""
+        if self.precision == "fp32":
+            return torch.float32
+        if self.precision == "auto":
+            if device.type == "cuda" and torch.cuda.is_bf16_supported():
+                return torch.bfloat16
+            return torch.float32
+        return _DTYPES[self.precision]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, D) raw (unnormalised) CLIP image embeddings."""
-        return self.model.encode_image(self.preprocess(images))
+        """(N, 3, H, W) in [0, 1] -> (N, D) raw (unnormalised) float32 CLIP image embeddings.
+
+        Resizing and normalisation run in float32; CLIP's forward in :meth:`clip_dtype`.
+        """
+        with fp32_region(images):
+            x = self.preprocess(images)
+            dtype = self.clip_dtype(x.device)
+            if dtype == torch.float32:
+                return self.model.encode_image(x).float()
+            with torch.autocast(device_type=x.device.type, dtype=dtype):
+                return self.model.encode_image(x).float()
+
+    def prepare(self, hazy: torch.Tensor) -> None:
+        """Encode the hazy batch (N, 3, H, W) in [0, 1] once; calls with this tensor reuse it."""
+        if self.mode == "both":
+            self._hazy_embedding(hazy)
+
+    def _hazy_embedding(self, hazy: torch.Tensor) -> torch.Tensor:
+        def encode(tensor: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.encode_image(tensor.detach().clamp(0.0, 1.0))
+
+        return self._hazy.get(hazy, encode)
 
     # -- protocol --------------------------------------------------------------------
     def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
         check_pair(self.name, output, hazy, same_size=False)
-        out_emb = self.encode_image(clamp01(output))
-        in_emb = None
-        if self.mode == "both":
-            with torch.no_grad():
-                in_emb = self.encode_image(hazy.detach().clamp(0.0, 1.0))
-        loss = h2c_from_embeddings(out_emb, in_emb, self.pos_emb, self.neg_emb, self.mode)
+        with fp32_region(output):
+            out_emb = self.encode_image(clamp01(output.float()))
+            in_emb = self._hazy_embedding(hazy) if self.mode == "both" else None
+            loss = h2c_from_embeddings(out_emb, in_emb, self.pos_emb, self.neg_emb, self.mode)
         self._record(h2c=loss)
         return loss
 
@@ -174,10 +219,12 @@ class H2C(Objective):
             "image_size": list(self.image_size),
             "mean": list(self.clip.mean),
             "std": list(self.clip.std),
+            "precision": self.precision,
             "clamp": "inward pass-through",
         }
 
     def _move(self, device: torch.device) -> None:
+        self._hazy.clear()
         self.model.to(device)
         self._mean = self._mean.to(device)
         self._std = self._std.to(device)

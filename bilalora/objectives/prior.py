@@ -1,7 +1,9 @@
 """Prior: a CLIP-free, no-reference dehazing objective (works air-gapped).
 
 All terms take the output ``y`` clamped to [0, 1] (:func:`~.base.clamp01`) and
-the hazy input ``x`` in [0, 1], both (N, 3, H, W), and are computed in float32:
+the hazy input ``x`` in [0, 1], both (N, 3, H, W), and are computed in float32,
+with autocast switched off (:func:`~.base.fp32_region`) so that a caller's
+bf16 region does not reach the blur convolutions or the variances:
 
     dark      = mean_pixels( softmin_window15( softmin_channels(y) ) )
                 soft dark channel (He et al.): haze density of the output.
@@ -50,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from .base import Objective, check_pair, clamp01
+from .base import Objective, check_pair, clamp01, fp32_region
 
 __all__ = ["Prior", "colour_term", "estimate_airlight", "exposure_term", "hue_term", "luminance", "soft_dark_channel", "structure_term"]
 
@@ -251,23 +253,26 @@ class Prior(Objective):
     def terms(self, output: torch.Tensor, hazy: torch.Tensor) -> dict[str, torch.Tensor]:
         """The unweighted terms, each (N,) float32 (output clamped to [0, 1] first)."""
         check_pair(self.name, output, hazy, same_size=True)
-        y = clamp01(output.float())
-        x = hazy.detach().float().clamp(0.0, 1.0)
-        if self.exposure_relative is not None:
-            target = (self.exposure_relative * luminance(x).mean(dim=(1, 2, 3))).clamp(0.05, 0.95)
-        else:
-            target = self.exposure_target
-        return {
-            "dark": (soft_dark_channel(y, self.dark_window, self.tau) - self.dark_floor).relu().mean(dim=(1, 2, 3)),
-            "exposure": exposure_term(y, target),
-            "colour": colour_term(y),
-            "hue": hue_term(y, x, airlight=estimate_airlight(x) if self.hue_reference == "airlight" else None),
-            "structure": structure_term(y, x),
-        }
+        with fp32_region(output):
+            y = clamp01(output.float())
+            x = hazy.detach().float().clamp(0.0, 1.0)
+            if self.exposure_relative is not None:
+                target = (self.exposure_relative * luminance(x).mean(dim=(1, 2, 3))).clamp(0.05, 0.95)
+            else:
+                target = self.exposure_target
+            return {
+                "dark": (soft_dark_channel(y, self.dark_window, self.tau) - self.dark_floor).relu().mean(
+                    dim=(1, 2, 3)),
+                "exposure": exposure_term(y, target),
+                "colour": colour_term(y),
+                "hue": hue_term(y, x, airlight=estimate_airlight(x) if self.hue_reference == "airlight" else None),
+                "structure": structure_term(y, x),
+            }
 
     def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
         terms = {k: v.mean() for k, v in self.terms(output, hazy).items()}
-        loss = sum(self.weights[f"{k}_weight"] * v for k, v in terms.items())
+        with fp32_region(output):
+            loss = sum(self.weights[f"{k}_weight"] * v for k, v in terms.items())
         self._record(prior=loss, **{f"prior.{k}": v for k, v in terms.items()})
         return loss
 
