@@ -98,9 +98,10 @@ def run_command(
 
     with RunSession(options, on_note=note) as session:
         for info in session.describe_models():
+            why = "fastest that passed its gate here" if info["precision_asked"] == "auto" else "--precision"
             console.print(
                 f"[bold]{escape(Path(info['file']).name)}[/]: {info['backend']} {info['precision']} on "
-                f"{escape(info['device'])} (--precision {info['precision_asked']}: fastest that passed its gate here)",
+                f"{escape(info['device'])} ({why})",
                 soft_wrap=True,
             )
         with progress_bar() as progress:

@@ -1,7 +1,7 @@
 """Torch-free runtime for cameras and drones: exported bilalora models on uint8 frames.
 
     from bilalora.runtime import Dehazer
-    dehaze = Dehazer("runs/adapt/exp/export")       # model.json folder, .onnx or .engine
+    dehaze = Dehazer("runs/adapt/exp/export")       # model.json folder, .onnx, .xml or .engine
     clear = dehaze(frame)                            # uint8 HxWx3 BGR (or RGB, grey, BGRA) in, same out
 
     from bilalora.runtime import ModelSwitch, LuminanceRule
@@ -10,8 +10,9 @@
     from bilalora.runtime import open_source, open_sink, process
     report = process(open_source("flight.mp4"), open_sink("out.mp4", source), dehaze)
 
-Needs numpy, OpenCV and onnxruntime (TensorRT and cuda-python for ``.engine``
-files); it never imports torch. Names are imported on first use.
+Needs numpy, OpenCV, Pillow and onnxruntime (OpenVINO for ``model.xml`` and bf16/int8 on
+CPUs; TensorRT and cuda-python for ``.engine`` files); it never imports torch nor the
+exporter. Names are imported on first use.
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ from bilalora.lazy import lazy_exports
 
 _EXPORTS = {
     "Dehazer": "dehazer",
-    "resolve_model": "dehazer",
+    "resolve_model": "select",
+    "Candidate": "select",
     "OnnxBackend": "backends",
     "TensorRTBackend": "backends",
-    "DEFAULT_PROVIDERS": "backends",
+    "OpenVinoBackend": "ov_backend",
+    "cpu_has_bf16": "ov_backend",
+    "DEFAULT_PROVIDERS": "providers",
+    "tensorrt_provider_options": "providers",
+    "trt_cache_dir": "cache",
+    "RunOptions": "session",
+    "RunSession": "session",
+    "read_frame": "decode",
+    "UnreadableImage": "decode",
     "ModelSwitch": "switch",
     "LuminanceRule": "switch",
     "HazeRule": "switch",
@@ -41,6 +51,9 @@ _EXPORTS = {
     "rgb01_to_frame": "frames",
     "plan_tiles": "frames",
     "read_sidecar": "model_json",
+    "load_record": "model_json",
+    "validate_record": "model_json",
+    "resolve_artefact": "model_json",
     "write_sidecar": "model_json",
     "engine_mismatch": "model_json",
 }

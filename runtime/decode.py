@@ -14,10 +14,11 @@ What is refused, and how it is found (cheap checks first, the file is read once)
   header at open): decoding it would need gigabytes, and OpenCV refuses over 2^30 pixels with
   an exception that used to stop a whole batch;
 * a file OpenCV cannot decode (text named ``.jpg``, corrupt data, a PNG cut short: libpng fails);
-* a JPEG with no end-of-image marker after its last scan: libjpeg decodes the part that is
-  there, fills the rest with grey and only prints "Premature end of JPEG file" on stderr, so
-  the marker is checked here. (Entropy-coded JPEG data cannot contain the ``FF D9`` marker:
-  every ``FF`` byte in it is followed by ``00`` or a restart marker.)
+* a JPEG with no end-of-image marker after its last scan, checked before decoding: depending on
+  the call and the OpenCV build, libjpeg decodes the part that is there, fills the rest with
+  grey and only prints "Premature end of JPEG file" on stderr (``cv2.imread`` does so here).
+  Entropy-coded JPEG data cannot contain the ``FF D9`` marker: every ``FF`` byte in it is
+  followed by ``00`` or a restart marker, so the check has no false alarms on whole files.
 
 Colour handling follows OpenCV's ``IMREAD_UNCHANGED``: grey stays grey, alpha is kept, 16-bit
 images are scaled to 8 bit (``v // 257``); CMYK JPEGs and palette PNGs come back as BGR.
@@ -120,6 +121,8 @@ def read_frame(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
         raise UnreadableImage(
             path, f"header claims {size[0]}x{size[1]} pixels (over {max_pixels:,}); not decoded"
         )
+    if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
+        raise UnreadableImage(path, "truncated JPEG (no end-of-image marker; its bottom would be grey)")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -128,8 +131,6 @@ def read_frame(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndar
     if image is None:
         kind = "not an image" if size is None else "corrupt or truncated"
         raise UnreadableImage(path, f"{kind} (OpenCV cannot decode it)")
-    if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
-        raise UnreadableImage(path, "truncated JPEG (no end-of-image marker; its bottom would be grey)")
     if image.dtype == np.uint16:
         image = (image // 257).astype(np.uint8)
     if image.dtype != np.uint8:
