@@ -29,7 +29,7 @@ def info_command() -> None:
     table.add_column("component")
     table.add_column("status")
     table.add_row("python", platform.python_version())
-    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "open_clip_torch", "pyiqa",
+    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "open_clip_torch", "pyiqa",
                  "opencv-python", "opencv-python-headless", "safetensors", "typer", "rich"):
         version = _version(dist)
         if version or dist in ("torch", "onnxruntime", "open_clip_torch", "pyiqa"):
@@ -59,9 +59,24 @@ def info_command() -> None:
         table.add_row("cuda-python", "installed (the runtime's .engine path)")
     except Exception:  # noqa: BLE001 - UserError when absent
         table.add_row("cuda-python", "[yellow]not installed[/] (only the runtime's .engine path needs it)")
+    from bilalora.runtime.cuda_stack import cuda_majors, stack_problem
+
+    majors = cuda_majors(torch.version.cuda)
+    for name, entry in majors.items():
+        major = f"CUDA {entry['major']}" if entry["major"] is not None else "-"
+        table.add_row(f"CUDA major: {name}", f"{major}  ({escape(entry['detail'])})")
+    try:
+        from bilalora.runtime.ov_backend import cpu_has_bf16
+
+        table.add_row("CPU bf16 (OpenVINO)", "yes (AMX or AVX512-BF16)" if cpu_has_bf16() else "no")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
     for spec in backbones.list_backbones():
         shipped = backbones.shipped_weights(spec.name)
         if spec.weights_file:
             table.add_row(f"weights {spec.name}", str(shipped) if shipped else "[yellow]not shipped[/]")
     table.add_row("default backbone", backbones.default_backbone())
     console.print(table)
+    problem = stack_problem(majors)
+    if problem:
+        console.print(f"[yellow]warning:[/] {escape(problem)}", soft_wrap=True)

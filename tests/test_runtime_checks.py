@@ -415,3 +415,40 @@ def test_tensorrt_provider_options(tmp_path, monkeypatch):
     assert specs[0][0] == "TensorrtExecutionProvider" and specs[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setenv("BILALORA_CACHE_DIR", str(tmp_path / "mine"))
     assert tensorrt_provider_options()["trt_engine_cache_path"] == str(tmp_path / "mine" / "trt" / "onnxruntime")
+
+
+# --------------------------------------------------------------------------- CUDA majors in `bilalora info` (#14.3)
+
+
+def test_cuda_majors_of_the_installed_pieces(monkeypatch):
+    from bilalora.runtime import cuda_stack
+
+    installed = {"torch": "2.6.0", "onnxruntime-gpu": "1.22.0", "tensorrt": "10.13.0", "tensorrt-cu13": "10.13.0",
+                 "cuda-python": "13.0.1"}  # fmt: skip
+    requires = {"torch": ["nvidia-cudnn-cu12==9.1; platform_system == 'Linux'"],
+                "onnxruntime-gpu": ["nvidia-cuda-runtime-cu12~=12.0; extra == 'cuda'"],
+                "tensorrt": ["tensorrt-cu13==10.13.0"]}  # fmt: skip
+    monkeypatch.setattr(cuda_stack, "_dist_version", installed.get)
+    monkeypatch.setattr(cuda_stack, "_dist_requires", lambda name: requires.get(name, []))
+    majors = cuda_stack.cuda_majors(torch_cuda=None)
+    assert {k: v["major"] for k, v in majors.items()} == {
+        "torch": 12, "onnxruntime-gpu": 12, "tensorrt": 13, "cuda-python": 13
+    }
+    problem = cuda_stack.stack_problem(majors)
+    assert "mixed CUDA majors" in problem and "tensorrt CUDA 13" in problem and "tensorrt-cu12" in problem
+    installed.pop("tensorrt-cu13")
+    installed.update({"tensorrt-cu12": "10.13.0", "cuda-python": "12.9.0"})
+    assert cuda_stack.stack_problem(cuda_stack.cuda_majors(torch_cuda="12.4")) is None
+    assert cuda_stack.cuda_majors("12.4")["torch"]["detail"] == "torch 2.6.0 (CUDA 12.4)"
+
+
+def test_info_lists_cuda_majors():
+    from typer.testing import CliRunner
+
+    from bilalora.cli.app import app
+
+    result = CliRunner().invoke(app, ["info"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for piece in ("torch", "onnxruntime-gpu", "tensorrt", "cuda-python"):
+        assert f"CUDA major: {piece}" in result.output
+    assert "CPU bf16 (OpenVINO)" in result.output
