@@ -1,18 +1,21 @@
 """Time the adaptation steps: bilevel search (bilalora's 2 passes vs the release's 3),
-joint search, and stage-B fine-tuning; peak GPU memory on CUDA.
+joint search, and stage-B fine-tuning, in fp32 and bf16 autocast; peak GPU memory on CUDA.
 
     python benchmarks/adapt_timing.py --backbone dea-net --objective prior --device cuda
-    python benchmarks/adapt_timing.py --objective h2c --clip-pretrained vit_b32_random.pt --device cuda
+    python benchmarks/adapt_timing.py --backbone dea-net-s --device cpu --precisions fp32 --batch 4 --crop 128
 
-Prints a table and writes benchmarks/results/adapt_timing_<device name>.json.
-Batches are random crops of random images (timing does not depend on content).
+Prints a table and writes benchmarks/results/adapt_timing_<device name>.json (or --out).
+Batches are random tensors in [0, 1] of shape (batch, 3, crop, crop) (timing does not
+depend on content). Each precision starts from a fresh network with the same seed:
+LoRA injected into the default sites (rank 8), the base frozen, the default
+:class:`~bilalora.search.OptimConfig`; ``warmup`` untimed steps then ``steps`` timed
+ones per kind, with the device synchronised around the timed block.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,7 +23,9 @@ from pathlib import Path
 import torch
 
 from bilalora import backbones, lora, sites
+from bilalora.devices import autocast_factory, device_name
 from bilalora.objectives import build_objective
+from bilalora.parsing import parse_list
 from bilalora.search import (
     OptimConfig,
     bilevel_step,
@@ -31,11 +36,7 @@ from bilalora.search import (
     train_step,
 )
 
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _sync(device: str) -> None:
@@ -44,6 +45,7 @@ def _sync(device: str) -> None:
 
 
 def _time(step, warmup: int, steps: int, device: str) -> float:
+    """Seconds per call of ``step`` (mean over ``steps`` after ``warmup``)."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -54,88 +56,109 @@ def _time(step, warmup: int, steps: int, device: str) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="dea-net")
-    parser.add_argument("--weights", default="random")
-    parser.add_argument("--objective", default="prior")
-    parser.add_argument("--clip", default=None)
-    parser.add_argument("--clip-pretrained", default=None)
-    parser.add_argument("--clip-config", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=24)
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+def _peak_mib(device: str) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+
+
+def time_precision(args, precision: str) -> dict:
+    """Seconds per step of each kind and peak memory, for one precision ("fp32" or "bf16")."""
     device = args.device
-    use_bf16 = args.bf16 if args.bf16 is not None else device.startswith("cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else None
+    cuda = device.startswith("cuda")
+    torch.manual_seed(args.seed)
+    autocast = autocast_factory(device, precision)
     options = {k: v for k, v in {"clip": args.clip, "pretrained": args.clip_pretrained,
-                                 "clip_config": args.clip_config}.items() if v}
+                                 "clip_config": args.clip_config}.items() if v}  # fmt: skip
     objective = build_objective(args.objective, **options).to(device)
-    model = backbones.load(args.backbone, weights=args.weights).to(device)
-    if device.startswith("cuda"):
+    model = backbones.load(args.backbone, weights=args.weights)
+    lora.inject(model, sites.default_sites(model), rank=8, lora_alpha=16)  # on the CPU: same start on every device
+    model.to(device)
+    if cuda:
         model.to(memory_format=torch.channels_last)
-    lora.inject(model, sites.default_sites(model), rank=8, lora_alpha=16)
+        torch.backends.cudnn.benchmark = True  # fixed crops
     lora.freeze_base(model)
     config = OptimConfig()
     lora_opt = make_lora_optimizer(lora.lora_parameters(model), config)
     gate_opt = make_gate_optimizer(lora.gate_parameters(model), config)
     shape = (args.batch, 3, args.crop, args.crop)
-    train = torch.rand(shape, device=device)
-    val = torch.rand(shape, device=device)
-    kwargs = {"autocast": autocast} if autocast else {}
-    results = {}
-    if device.startswith("cuda"):
+    layout = torch.channels_last if cuda else torch.contiguous_format
+    train = torch.rand(shape, device=device).contiguous(memory_format=layout)
+    val = torch.rand(shape, device=device).contiguous(memory_format=layout)
+    seconds = {}
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    results["bilevel_2pass_s"] = _time(
-        lambda: bilevel_step(model, objective, train, val, lora_opt, gate_opt, config, passes=2, **kwargs),
-        args.warmup, args.steps, device)
-    results["bilevel_3pass_s"] = _time(
-        lambda: bilevel_step(model, objective, train, val, lora_opt, gate_opt, config, passes=3, **kwargs),
-        args.warmup, args.steps, device)
-    results["joint_s"] = _time(
-        lambda: joint_step(model, objective, train, lora_opt, gate_opt, config, **kwargs), args.warmup, args.steps,
-        device)
-    peak_search = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
-    # stage B: keep top-k
+    for passes in (2, 3):
+        seconds[f"bilevel_{passes}pass"] = _time(
+            lambda: bilevel_step(model, objective, train, val, lora_opt, gate_opt, config, passes=passes,
+                                 autocast=autocast),  # fmt: skip
+            args.warmup, args.steps, device)
+    seconds["joint"] = _time(lambda: joint_step(model, objective, train, lora_opt, gate_opt, config, autocast=autocast),
+                             args.warmup, args.steps, device)  # fmt: skip
+    peak_search = _peak_mib(device)
     lora.keep_sites(model, [name for name, _ in rank_sites(model)[: args.top_k]])
     ft_opt = make_lora_optimizer(lora.lora_parameters(model), config)
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    results["finetune_s"] = _time(lambda: train_step(model, objective, train, ft_opt, config, **kwargs),
-                                  args.warmup, args.steps, device)
-    peak_finetune = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    seconds["finetune"] = _time(lambda: train_step(model, objective, train, ft_opt, config, autocast=autocast),
+                                args.warmup, args.steps, device)  # fmt: skip
+    return {
+        "seconds_per_step": {k: round(v, 5) for k, v in seconds.items()},
+        "images_per_second": {k: round(args.batch / v, 1) for k, v in seconds.items()},
+        "three_pass_over_two_pass": round(seconds["bilevel_3pass"] / seconds["bilevel_2pass"], 3),
+        "peak_memory_mib": {"search": peak_search, "finetune": _peak_mib(device)},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="dea-net")
+    parser.add_argument("--weights", default=None, help="weights file or 'random' (default: the shipped ones)")
+    parser.add_argument("--objective", default="prior")
+    parser.add_argument("--clip", default=None)
+    parser.add_argument("--clip-pretrained", default=None)
+    parser.add_argument("--clip-config", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", default=None, help="comma-separated fp32,bf16 (default: both on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    precisions = parse_list(args.precisions) or (["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"])
+    unknown = [p for p in precisions if p not in ("fp32", "bf16")]
+    if unknown:
+        parser.error(f"--precisions: unknown {', '.join(unknown)} (use fp32, bf16)")
+
     record = {
-        "device": _device_name(device),
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "backbone": args.backbone,
-        "objective": objective.describe() if hasattr(objective, "describe") else args.objective,
+        "objective": args.objective,
         "batch": args.batch,
         "crop": args.crop,
-        "precision": "bf16" if use_bf16 else "fp32",
         "steps_timed": args.steps,
-        "seconds_per_step": {k: round(v, 5) for k, v in results.items()},
-        "three_pass_over_two_pass": round(results["bilevel_3pass_s"] / results["bilevel_2pass_s"], 3),
-        "peak_memory_mib": {"search": peak_search, "finetune": peak_finetune},
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "warmup": args.warmup,
+        "hypergradient": getattr(OptimConfig(), "hypergradient", None),
+        "precisions": {},
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"adaptation step time, {record['device']}, batch {args.batch} x {args.crop}^2, "
-                        f"{record['precision']}")
+    table = Table(title=f"adaptation step time, {record['device']}, batch {args.batch} x {args.crop}^2")
     table.add_column("step")
-    table.add_column("ms", justify="right")
-    for key, value in results.items():
-        table.add_row(key.removesuffix("_s"), f"{value * 1000:.1f}")
+    for precision in precisions:
+        record["precisions"][precision] = time_precision(args, precision)
+        table.add_column(f"ms {precision}", justify="right")
+    for kind in record["precisions"][precisions[0]]["seconds_per_step"]:
+        table.add_row(kind, *[f"{record['precisions'][p]['seconds_per_step'][kind] * 1000:.1f}" for p in precisions])
     Console().print(table)
-    print(f"3-pass / 2-pass = {record['three_pass_over_two_pass']}")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+    for precision in precisions:
+        result = record["precisions"][precision]
+        print(f"{precision}: 3-pass / 2-pass = {result['three_pass_over_two_pass']}; peak MiB {result['peak_memory_mib']}")
+    out = Path(args.out) if args.out else RESULTS / (
         "adapt_timing_" + "".join(c if c.isalnum() else "_" for c in record["device"]).strip("_") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

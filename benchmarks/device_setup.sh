@@ -13,4 +13,5 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/
   echo "editable install failed (see /tmp/pip-install.log); using the source tree with cli/export/runtime nested"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import bilalora.cli.app, bilalora.runtime, bilalora.export" || { echo "bilalora is not importable"; exit 3; }
+# `return` when sourced (the caller records the failure), `exit` when run directly
+python3 -c "import bilalora.cli.app, bilalora.runtime, bilalora.export" || { echo "bilalora is not importable"; return 3 2>/dev/null || exit 3; }

@@ -1,31 +1,261 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU (H100/H200): everything the method issue asks to
-# measure on CUDA, in one call, results under $OUT (copied to benchmarks/results/ after).
+# One prepared run on a lent GPU machine (H100/H200) that returns every CUDA figure the README promises.
 #
-# Prepare here (git-ignored, named in `carry`):
-#   .whl/   open_clip_torch + ftfy + wcwidth wheels (see the device tool's README)
-#   .carry/real_day/  a copy of ../shared/data/real_day
-# Run:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".carry"], timeout_s=540)
+#   bash benchmarks/gpu_session.sh --prepare   # here: fill .carry/ (real_day + pretraining data) under the limit
+#   bash benchmarks/gpu_session.sh --dry-run   # here: sizes, file count, timing margins, what would run
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".carry", ".whl"], timeout_s=560)   # there
+#
+# Limits of the remote runner it is written for: at most 8 files come back from $OUT (16 MiB each),
+# 64 MiB travel (repository + carry), 10 minutes a command, 15 minutes of machine time in all
+# (its start included). So this script:
+#   * checks repository + carry against 64 MiB before it starts (and --dry-run does so here);
+#   * writes at most 5 files in $OUT: session.log (every line, teed as it is written, so a kill at the
+#     limit loses nothing), summary.json and results.tar.gz (both rewritten after every step), and the
+#     width-32 pretraining weights + light checkpoint (resumable in a later call);
+#   * keeps a margin of MARGIN_S (60 s) before LIMIT_S (540 s = 9 min): every step runs under `timeout`
+#     with what is left, pretraining gets exactly the rest (its --time-limit counts from its own start,
+#     so its setup time is subtracted here).
+# Steps (budgets are caps; time a step does not use goes to pretraining):
+#   1 timing    adapt-step timings, shipped dea-net-s, batch 24 x 224^2: bilevel 2-pass, 3-pass, joint,
+#               fine-tune; fp32 and bf16; peak memory          (benchmarks/adapt_timing.py)
+#   2 adapt     the default `bilalora adapt --objective prior` on real_day (held-out test split kept)
+#   3 bench     base vs adapted on that run's held-out split (FADE & co., stretch rows, DCP) and the
+#               1080p latency in fp32 and fp16 PyTorch         (bilalora bench --device cuda)
+#   4 trt       issue 14's GPU checks: engine build, refit, INT8 engine, the runtime's engine path --
+#               only when `import tensorrt` works (wheels carried in .whl/); else recorded as skipped
+#   5 pretrain  width-32 DEA-Net pretraining for the remaining minutes (resumes from .carry/pretrain/work)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-source benchmarks/device_setup.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-# 1. step timings, prior objective: bilevel 2-pass vs the release's 3-pass, joint, stage B; peak memory
-timeout 120 python3 benchmarks/adapt_timing.py --backbone dea-net --objective prior --device cuda \
-  --out "$OUT/adapt_timing_prior.json" 2>&1 | tee "$OUT/timing_prior.log"
+LIMIT_S=${GPU_SESSION_LIMIT_S:-540}      # the command's own limit (run's timeout_s is set a little above)
+MARGIN_S=60                               # left unused before LIMIT_S
+PACK_S=15                                 # reserved for the last archive
+SETUP_S=45                                # device_setup.sh (editable install, imports), measured ~20-40 s
+PRETRAIN_SETUP_S=40                       # pretraining's data scan + model build before its clock starts
+PRETRAIN_MIN_S=60                         # below this, pretraining is skipped
+MAX_FILES=8
+MAX_FILE_BYTES=$((16 * 1024 * 1024))
+TRAVEL_LIMIT=$((64 * 1024 * 1024))
+CARRY=${GPU_SESSION_CARRY:-".carry .whl"}
+OUT_FILES=(session.log summary.json results.tar.gz dea-net-w32.safetensors pretrain-last.pt)
+# name budget(s) what
+STEPS=(
+  "timing 90 adapt-step timings (2-pass, 3-pass, joint, fine-tune; fp32 + bf16; peak memory)"
+  "adapt 180 default adapt --objective prior on .carry/real_day"
+  "bench 60 bench on the held-out split + 1080p fp32/fp16 latency"
+  "trt 90 TensorRT: engine build, refit, INT8 engine, runtime engine path (needs tensorrt in .whl)"
+)
+MODE=run
+case "${1:-}" in
+  --dry-run) MODE=dry ;;
+  --prepare) MODE=prepare ;;
+  "") ;;
+  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+  *) echo "unknown option $1 (use --dry-run or --prepare)"; exit 2 ;;
+esac
 
-# 2. the H2C path with a randomly initialised ViT-B-32 saved to a file (no CLIP weights exist there)
-python3 - <<'PY'
-import open_clip, torch
-model = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
-torch.save(model.state_dict(), "/tmp/vit_b32_random.pt")
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+
+# bytes of what travels: tracked + untracked-not-ignored files (here, with git), or the whole copy (there)
+repo_bytes() {
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'
+  else
+    du -sb --exclude=./.carry --exclude=./.whl . | cut -f1
+  fi
+}
+carry_bytes() {
+  local total=0 dir
+  for dir in $CARRY; do
+    [ -e "$dir" ] && total=$((total + $(du -sbL "$dir" | cut -f1)))
+  done
+  echo "$total"
+}
+has_trt_wheels() { ls .whl/tensorrt*.whl >/dev/null 2>&1; }
+
+check_travel() {  # prints the accounting; returns 1 over the limit
+  local repo carry total
+  repo=$(repo_bytes); carry=$(carry_bytes); total=$((repo + carry))
+  echo "travels: repository $(mib "$repo") + carry ($CARRY) $(mib "$carry") = $(mib "$total") of $(mib $TRAVEL_LIMIT)"
+  if [ "$total" -gt "$TRAVEL_LIMIT" ]; then
+    echo "FAIL: over the 64 MiB the runner carries; shrink .carry (bash $0 --prepare fits it) or drop wheels"
+    return 1
+  fi
+}
+
+if [ "$MODE" = prepare ]; then
+  SHARED=${SHARED_DATA:-../shared/data}
+  [ -d "$SHARED/real_day" ] || { echo "no $SHARED/real_day (set SHARED_DATA)"; exit 2; }
+  mkdir -p .carry && rm -rf .carry/real_day && cp -r "$SHARED/real_day" .carry/real_day
+  rm -rf .carry/pretrain
+  # what is left under the limit (1 MiB slack) goes to the pretraining data
+  left=$(( TRAVEL_LIMIT - $(repo_bytes) - $(carry_bytes) - 1048576 ))
+  python3 benchmarks/prepare_gpu_pretrain.py --shared "$SHARED" --budget-mib $((left / 1048576)) \
+    ${RESUME_FROM:+--resume-from "$RESUME_FROM"} || exit 1
+  check_travel; exit $?
+fi
+
+if [ "$MODE" = dry ]; then
+  status=0
+  echo "gpu_session dry run: limit ${LIMIT_S}s, margin ${MARGIN_S}s, at most $MAX_FILES files back"
+  check_travel || status=1
+  echo "files in \$OUT: ${#OUT_FILES[@]} (${OUT_FILES[*]}) of at most $MAX_FILES"
+  [ "${#OUT_FILES[@]}" -le "$MAX_FILES" ] || { echo "FAIL: more than $MAX_FILES files"; status=1; }
+  # a width-32 DEA-Net holds 3.65 M parameters: 13.9 MiB in fp32 safetensors, ~7 MiB as a light (fp16) checkpoint
+  echo "largest file expected: dea-net-w32.safetensors 13.9 MiB (3.65 M fp32 parameters; limit $(mib $MAX_FILE_BYTES) each)"
+  clock=$SETUP_S
+  echo "plan (cumulative seconds from the command's start):"
+  printf '  %-9s %4ss  %4s-%4ss  %s\n' setup "$SETUP_S" 0 "$clock" "benchmarks/device_setup.sh"
+  for entry in "${STEPS[@]}"; do
+    read -r name budget what <<<"$entry"
+    note=""
+    if [ "$name" = adapt ] && [ ! -d .carry/real_day ]; then note=" [NOT READY: no .carry/real_day; --prepare]"; fi
+    if [ "$name" = trt ] && ! has_trt_wheels; then
+      note=" [would be skipped: no tensorrt wheels in .whl/ (TensorRT for CUDA 13 is ~1 GB, over the carry limit)]"
+      budget=0
+    fi
+    printf '  %-9s %4ss  %4s-%4ss  %s%s\n' "$name" "$budget" "$clock" $((clock + budget)) "$what" "$note"
+    clock=$((clock + budget))
+  done
+  pretrain=$((LIMIT_S - MARGIN_S - PACK_S - clock))
+  note=""; [ -d .carry/pretrain ] || note=" [NOT READY: no .carry/pretrain; --prepare]"
+  [ -f .carry/pretrain/work/last.pt ] && note="$note (resumes from .carry/pretrain/work/last.pt)"
+  printf '  %-9s %4ss  %4s-%4ss  %s%s\n' pretrain "$pretrain" "$clock" $((clock + pretrain)) \
+    "width-32 pretraining, --time-limit $(( (pretrain - PRETRAIN_SETUP_S) ))s after its setup (at least: unused budgets add to it)" "$note"
+  clock=$((clock + pretrain))
+  printf '  %-9s %4ss  %4s-%4ss  %s\n' pack "$PACK_S" "$clock" $((clock + PACK_S)) "results.tar.gz, summary.json"
+  clock=$((clock + PACK_S))
+  echo "ends by ${clock}s; margin $((LIMIT_S - clock))s before the ${LIMIT_S}s limit"
+  if [ $((LIMIT_S - clock)) -lt 60 ]; then echo "FAIL: margin under 60 s"; status=1; fi
+  if [ "$pretrain" -lt "$PRETRAIN_MIN_S" ]; then echo "FAIL: under ${PRETRAIN_MIN_S}s left for pretraining"; status=1; fi
+  if [ "$LIMIT_S" -gt 540 ]; then echo "FAIL: a command may run 10 min; keep LIMIT_S <= 540 (9 min)"; status=1; fi
+  echo "call: run(command=\"bash benchmarks/gpu_session.sh\", carry=[$(printf '"%s", ' $CARRY | sed 's/, $//')], timeout_s=$((LIMIT_S + 20)))"
+  [ $status -eq 0 ] && echo "dry run: OK" || echo "dry run: FAILED"
+  exit $status
+fi
+
+# ------------------------------------------------------------------ the run itself (on the GPU machine)
+STARTED=$(date +%s)
+DEADLINE=$((STARTED + LIMIT_S - MARGIN_S))
+OUT=${OUT:-/tmp/gpu_session_out}
+WORK=${GPU_SESSION_WORK:-/tmp/gpu_session}
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/session.log") 2>&1
+echo "gpu_session started $(date -u +%FT%TZ); limit ${LIMIT_S}s, margin ${MARGIN_S}s"
+check_travel || exit 3
+: >"$WORK/steps.tsv"
+
+record() {  # name rc seconds note -> steps.tsv and summary.json in $OUT
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$WORK/steps.tsv"
+  python3 - "$WORK/steps.tsv" "$OUT/summary.json" "$STARTED" "$LIMIT_S" <<'PY'
+import json, sys, time
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1]) if line.strip()]
+steps = [{"step": r[0], "rc": int(r[1]) if r[1].lstrip("-").isdigit() else None, "seconds": int(r[2]),
+          "status": ("ok" if r[1] == "0" else "timed out" if r[1] in ("124", "137") else
+                     r[3] if r[1] == "skip" else f"failed (rc {r[1]})"), "note": r[3]} for r in rows]
+record = {"started": int(sys.argv[3]), "elapsed_s": int(time.time()) - int(sys.argv[3]), "limit_s": int(sys.argv[4]),
+          "steps": steps}
+tmp = sys.argv[2] + ".tmp"
+with open(tmp, "w") as handle:
+    json.dump(record, handle, indent=2)
+import os; os.replace(tmp, sys.argv[2])
 PY
-timeout 150 python3 benchmarks/adapt_timing.py --backbone dea-net --objective h2c \
-  --clip-pretrained /tmp/vit_b32_random.pt --device cuda --out "$OUT/adapt_timing_h2c.json" 2>&1 | tee "$OUT/timing_h2c.log"
+}
 
-# 3. the default schedule on real_day with the prior objective (30 epochs, 5 search)
-timeout 240 python3 -m bilalora.cli.app adapt --images .carry/real_day --objective prior --device cuda \
-  --out "$OUT/run_prior" 2>&1 | tail -40 | tee "$OUT/adapt_prior.log"
-cp "$OUT/run_prior/summary.json" "$OUT/adapt_prior_summary.json" 2>/dev/null || true
-rm -rf "$OUT/run_prior/checkpoints"
+pack() {  # small results (JSON, logs, adapter, bench record, sheets) -> $OUT/results.tar.gz, atomically
+  (cd "$WORK" && find . -type f -size -8M ! -name '*.pt' ! -name 'dea-net-w32.safetensors' -print0 \
+     | tar --null -czf "$OUT/.results.tar.gz" -T - 2>/dev/null) && mv "$OUT/.results.tar.gz" "$OUT/results.tar.gz"
+}
+
+left_s() { echo $((DEADLINE - PACK_S - $(date +%s))); }
+
+step() {  # name budget command... : run under timeout (the smaller of budget and what is left), record, pack
+  local name=$1 budget=$2; shift 2
+  local left; left=$(left_s)
+  local limit=$(( budget < left ? budget : left ))
+  if [ "$limit" -lt 10 ]; then echo "=== $name: skipped, ${left}s left"; record "$name" skip 0 "no time left"; return; fi
+  echo "=== $name (up to ${limit}s; $(($(date +%s) - STARTED))s elapsed)"
+  local begin; begin=$(date +%s)
+  timeout -k 10 -s INT "$limit" "$@"
+  local rc=$?
+  record "$name" "$rc" $(($(date +%s) - begin)) "budget ${limit}s"
+  pack
+}
+
+begin=$(date +%s)
+source benchmarks/device_setup.sh
+rc=$?
+record setup "$rc" $(($(date +%s) - begin)) "device_setup.sh"
+[ "$rc" -eq 0 ] || { echo "setup failed; nothing else can run"; pack; exit 3; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
+
+# 1. step timings
+step timing 90 python3 benchmarks/adapt_timing.py --backbone dea-net-s --objective prior \
+  --device cuda --precisions fp32,bf16 --batch 24 --crop 224 --steps 10 --warmup 3 --out "$WORK/adapt_timing_prior.json"
+
+# 2. the default adapt run on real_day (the CUDA default precision; held-out test split kept by adapt)
+step adapt 180 python3 -m bilalora.cli.app adapt --images .carry/real_day --objective prior --device cuda \
+  --out "$WORK/runs/adapt/real-day"
+rm -rf "$WORK/runs/adapt/real-day/checkpoints"
+
+# 3. bench: held-out split on the GPU, 1080p fp32 / fp16 PyTorch latency
+if [ -f "$WORK/runs/adapt/real-day/adapter.safetensors" ]; then
+  SUBJECT=(--adapter "$WORK/runs/adapt/real-day/adapter.safetensors")
+else
+  SUBJECT=(--backbone dea-net-s --images .carry/real_day --max-images 12)
+fi
+step bench 60 python3 -m bilalora.cli.app bench "${SUBJECT[@]}" --device cuda --size 1080x1920 \
+  --backends torch,torch-fp16 --runs 20 --warmup 5 --dcp --sheet 6 --report "$WORK/bench"
+
+# 4. TensorRT checks (issue 14), only with TensorRT importable
+if python3 -c "import tensorrt" >/dev/null 2>&1; then
+  trt_checks() {  # each command's own parity gates decide; any failure stops this step (set -e)
+    set -e
+    local base="$WORK/export-base" adapter="$WORK/runs/adapt/real-day/adapter.safetensors"
+    mkdir -p "$WORK/frames" && ls .carry/real_day | head -4 | while read -r f; do cp ".carry/real_day/$f" "$WORK/frames/"; done
+    # engine build (fp16), names kept for refit, INT8 QDQ graph + INT8 engine calibrated on real_day
+    python3 -m bilalora.cli.app export --base --backbone dea-net-s --trt --refit --int8 --calib .carry/real_day \
+      --calib-images 8 --out "$base"
+    if [ -f "$adapter" ]; then  # refit: the adapted weights into the base's engine, then its parity gate
+      python3 -m bilalora.cli.app export --refit-engine "$base/model.engine" --adapter "$adapter" --out "$WORK/export-refit"
+    fi
+    # the runtime's engine path, then the INT8 precision
+    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-engine" --model "$base" --prefer engine
+    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-int8" --model "$base" --precision int8
+    rm -rf "$WORK/run-engine"/*.png "$WORK/run-engine"/*.jpg "$WORK/run-int8"/*.png "$WORK/run-int8"/*.jpg
+    cp "$base/model.json" "$WORK/trt_model.json"
+  }
+  step trt 90 bash -c "$(declare -f trt_checks); WORK='$WORK'; trt_checks"
+else
+  echo "=== trt: skipped (tensorrt is not importable: its CUDA 13 wheels, ~1 GB, do not fit the 64 MiB carry)"
+  record trt skip 0 "skipped: tensorrt not importable (wheels ~1 GB > 64 MiB carry)"
+fi
+
+# 5. width-32 pretraining with whatever is left (resumable: light checkpoint back in $OUT)
+DATA=.carry/pretrain
+left=$(left_s)
+if [ ! -d "$DATA" ]; then
+  record pretrain skip 0 "skipped: no .carry/pretrain (bash benchmarks/gpu_session.sh --prepare)"
+elif [ "$left" -lt "$PRETRAIN_MIN_S" ]; then
+  record pretrain skip 0 "skipped: ${left}s left"
+else
+  mkdir -p "$WORK/pretrain"
+  RESUME=()
+  if [ -f "$DATA/work/last.pt" ]; then cp "$DATA/work/last.pt" "$WORK/pretrain/last.pt"; RESUME=(--resume); fi
+  minutes=$(awk -v s=$((left - PRETRAIN_SETUP_S)) 'BEGIN { printf "%.2f", s / 60 }')
+  step pretrain "$left" python3 -m bilalora.cli.app pretrain --backbone dea-net \
+    --pairs "$DATA/synth_train" --clear "$DATA/clean_outdoor" --synthesize --synth-ratio 0.3 \
+    --val "$DATA/val" --val-every 1000 --steps 10000 --batch 16 --crop 256 --lr 1e-4 --lr-min 1e-6 \
+    --device cuda --workers 8 --light-checkpoints --ckpt-minutes 1 --time-limit "$minutes" --dtype fp32 \
+    --select last --work-dir "$WORK/pretrain" --out "$WORK/pretrain/dea-net-w32.safetensors" \
+    --note "synth_train/synth_test: RESIDE SOTS-indoor (scenes split), research use only; clean_outdoor: see the data's SOURCES.md" \
+    "${RESUME[@]}"
+  for file in dea-net-w32.safetensors last.pt; do
+    [ -f "$WORK/pretrain/$file" ] || continue
+    target="$OUT/$file"; [ "$file" = last.pt ] && target="$OUT/pretrain-last.pt"
+    if [ "$(stat -c %s "$WORK/pretrain/$file")" -le "$MAX_FILE_BYTES" ]; then cp "$WORK/pretrain/$file" "$target"
+    else echo "warning: $file is over 16 MiB and would not come back; not copied"; fi
+  done
+fi
+pack
+record done 0 $(($(date +%s) - STARTED)) "files in \$OUT: $(ls "$OUT" | grep -vc '^\.')"
+ls -la "$OUT"
