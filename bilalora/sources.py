@@ -47,6 +47,8 @@ class Source:
         backbone: registry name (or ``package.module:factory`` given on the command line).
         weights: base weights file, "random", or None (the backbone's shipped weights).
         picked: one-line notes on defaults that were picked (printed by the CLI).
+        input_norm: what the base expects (``--input-norm``, else the run's record; None: what
+            the weights file records, else [0, 1]); see :func:`bilalora.backbones.load`.
     """
 
     mode: str
@@ -55,6 +57,13 @@ class Source:
     backbone: str
     weights: Optional[str]
     picked: list[str] = field(default_factory=list)
+    input_norm: Any = None
+
+    def load_base(self):
+        """The base network (eval mode, CPU), with its input normalisation folded in."""
+        from bilalora import backbones
+
+        return backbones.load(self.backbone, weights=self.weights, input_norm=self.input_norm)
 
 
 def resolve_source(
@@ -63,6 +72,7 @@ def resolve_source(
     backbone: Optional[str] = None,
     weights: Optional[str] = None,
     runs_root: Optional[str | Path] = None,
+    input_norm: Optional[str] = None,
 ) -> Source:
     """Decide what network is meant (see the module docstring).
 
@@ -101,7 +111,11 @@ def resolve_source(
         picked.append(f"adapter: {path} (newest run under {root}; --adapter FILE picks another)")
 
     summary = read_summary(run)
-    chosen = backbone or summary.get("backbone")
+    chosen = backbone
+    if chosen is None and summary.get("backbone") is not None:
+        from bilalora.backbones import registered_name
+
+        chosen = registered_name(summary["backbone"], f"{run}/summary.json")  # never imports a recorded factory
     if chosen is None and path is not None:
         chosen = _adapter_backbone(path)
     if chosen is None:
@@ -118,7 +132,10 @@ def resolve_source(
     if resolved is None and summary.get("weights") not in (None, ""):
         resolved = _resolve_weights(str(summary["weights"]), run)
         picked.append(f"weights: {resolved} (from {run}/summary.json)")
-    return Source(mode, path, run, chosen, resolved, picked)
+    norm: Any = input_norm
+    if norm is None and "input_norm" in summary:
+        norm = summary["input_norm"] or "none"
+    return Source(mode, path, run, chosen, resolved, picked, norm)
 
 
 def read_summary(run: Optional[Path]) -> dict[str, Any]:
@@ -135,7 +152,7 @@ def read_summary(run: Optional[Path]) -> dict[str, Any]:
 def _adapter_backbone(path: Path) -> Optional[str]:
     from bilalora.adapter import Adapter
 
-    return Adapter.load(path).backbone
+    return Adapter.load(path).backbone_for(where=f"adapter {path}")  # registered names only: never imports
 
 
 def _resolve_weights(weights: str, run: Optional[Path]) -> str:

@@ -245,3 +245,28 @@ def test_input_norm_is_recorded_and_enforced(tmp_path, tiny_dea):
     with pytest.raises(UserError) as err:
         adapter.apply(fresh("flag"))
     assert "input normalisation" in str(err.value) and "--input-norm" in str(err.value)
+
+
+def test_source_resolution_never_imports_a_recorded_factory(tmp_path, tiny_dea):
+    from bilalora.sources import resolve_source
+
+    path = _trained_adapter(tiny_dea).save(tmp_path / "a.safetensors")
+    evil = _rewrite(path, tmp_path / "evil.safetensors", _json_edit(backbone="os:abort"))
+    with pytest.raises(UserError) as err:
+        resolve_source(adapter=evil, runs_root=tmp_path / "runs")
+    assert "\n" not in str(err.value) and "--backbone os:abort" in str(err.value)
+    assert resolve_source(adapter=evil, backbone="dea-net-t", runs_root=tmp_path / "runs").backbone == "dea-net-t"
+    # a run summary naming a factory is refused the same way
+    run = tmp_path / "runs" / "adapt" / "exp"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"backbone": "os:abort", "input_norm": None}))
+    (run / "adapter.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(UserError, match="summary.json names backbone 'os:abort'"):
+        resolve_source(adapter=run / "adapter.safetensors", runs_root=tmp_path / "runs")
+    (run / "summary.json").write_text(json.dumps({"backbone": "dea-net-t", "weights": "random",
+                                                  "input_norm": {"mean": [0.5] * 3, "std": [0.5] * 3}}))
+    source = resolve_source(adapter=run / "adapter.safetensors", runs_root=tmp_path / "runs")
+    assert source.input_norm == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert source.load_base().bilalora_info["input_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    flagged = resolve_source(adapter=run / "adapter.safetensors", runs_root=tmp_path / "runs", input_norm="none")
+    assert flagged.load_base().bilalora_info["input_norm"] is None
