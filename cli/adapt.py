@@ -8,21 +8,38 @@ from typing import Optional
 
 import typer
 
-from .common import console, resolve_device, user_errors
 from bilalora.parsing import parse_list
 
+from .common import console, resolve_device, user_errors
+
 _DEFAULTS_NOTE = "defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by measurement"
+
+#: CLI parameter -> AdaptConfig field (``optim.*`` for the optimiser), for the flags a resumed run compares.
+_CONFIG_FIELDS = {
+    "method": "method", "sites": "sites", "exclude_sites": "exclude_sites", "top_k": "top_k", "rank": "rank",
+    "lora_alpha": "lora_alpha", "steps": "steps", "search_steps": "search_steps", "epochs": "epochs",
+    "search_epochs": "search_epochs", "batch": "batch", "crop": "crop", "seed": "seed", "precision": "precision",
+    "passes": "passes", "test_fraction": "test_fraction", "log_every": "log_every",
+    "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "max_side": "max_side",
+    "recursive": "recursive", "workers": "workers", "lr": "optim.lr", "gate_lr": "optim.gate_lr",
+    "clip_norm": "optim.clip_norm", "hypergradient": "optim.hypergradient", "gate_optimizer": "optim.gate_optimizer",
+}
 
 
 @user_errors
 def adapt_command(
+    ctx: typer.Context,
     images: Path = typer.Option(..., "--images", "-i", help="Folder of unlabeled hazy images of the target domain."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default runs/adapt/<name>)."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name under runs/adapt/ (default exp, exp2, ...)."),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="Replace the earlier run in --out/--name (else refused)."),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", "-b", help="Registry name or package.module:factory (default: the shipped DEA-Net)."
     ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights (default: shipped weights)."),
+    input_norm: Optional[str] = typer.Option(
+        None, "--input-norm", help="Input the weights expect: clip | none | MEAN,STD (default: what the file records, else none)."
+    ),
     objective: str = typer.Option("h2c", "--objective", help="h2c | prior | h2c+prior | weighted: h2c:1+prior:0.5"),
     clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (default ViT-B-32-quickgelu)."),
     clip_pretrained: Optional[str] = typer.Option(
@@ -39,19 +56,36 @@ def adapt_command(
     top_k: int = typer.Option(3, "--top-k", "-k", help="Sites kept for stage B."),
     rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
-    epochs: int = typer.Option(30, "--epochs", help="Total epochs over the train half."),
-    search_epochs: int = typer.Option(5, "--search-epochs", help="Epochs of stage A (bilevel/joint)."),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", help="Total steps, search included (default: 30 epochs, at least 330 steps)."
+    ),
+    search_steps: Optional[int] = typer.Option(
+        None, "--search-steps", help="Steps of stage A, bilevel/joint (default: 5 epochs, at least 55 steps)."
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Total length in passes over the train images."),
+    search_epochs: Optional[int] = typer.Option(None, "--search-epochs", help="Stage A length in passes."),
     batch: int = typer.Option(24, "--batch", help="Batch size."),
     crop: int = typer.Option(224, "--crop", help="Training crop side (multiple of 4)."),
+    test_fraction: float = typer.Option(
+        0.2, "--test-fraction", help="Images held out from both levels, for `bench` (at least 1 image from 3 on)."
+    ),
     lr: float = typer.Option(1e-3, "--lr", help="LoRA learning rate, Adam (the release: 1e-6)."),
-    gate_lr: float = typer.Option(3e-3, "--gate-lr", help="Gate learning rate, AdamW (the release: 3e-4)."),
+    gate_lr: float = typer.Option(3e-3, "--gate-lr", help="Gate learning rate (the release: 3e-4)."),
+    gate_optimizer: Optional[str] = typer.Option(
+        None, "--gate-optimizer", help="adam | sgd | normalized (default: the measured choice, see README)."
+    ),
+    hypergradient: Optional[str] = typer.Option(
+        None, "--hypergradient", help="ift (the paper's) | release | direct (default: ift, see README)."
+    ),
     clip_norm: float = typer.Option(5.0, "--clip-norm", help="Gradient-norm clip of the LoRA step."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA) | fp32 | bf16"),
     seed: int = typer.Option(0, "--seed", help="Seed of the split, crops and LoRA init."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out/--name (or the newest)."),
     workers: int = typer.Option(2, "--workers", help="Threads preparing batches ahead of the step (0: none)."),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints."),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between log lines and gate readings."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints (0: stage ends)."),
+    checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="Downsize larger images to this side first."),
     recursive: bool = typer.Option(False, "--recursive", help="Also read images in subfolders."),
     passes: int = typer.Option(2, "--passes", hidden=True, help="3 = the release's three-pass search step."),
@@ -64,7 +98,7 @@ def adapt_command(
     from bilalora.data import list_images
     from bilalora.errors import UserError
     from bilalora.objectives import build_objective
-    from bilalora.runs import adapt_root, new_run_dir
+    from bilalora.runs import check_run_dir, choose_run_dir
     from bilalora.search import OptimConfig
 
     device = resolve_device(device)
@@ -76,32 +110,23 @@ def adapt_command(
             f"backbone '{backbone}' has no shipped weights in this installation; pass --weights FILE "
             "(a checkpoint trained on synthetic pairs, e.g. from `bilalora pretrain`)"
         )
+    optim = {"lr": lr, "gate_lr": gate_lr, "clip_norm": clip_norm}
+    optim.update({k: v for k, v in (("gate_optimizer", gate_optimizer), ("hypergradient", hypergradient)) if v})
     config = AdaptConfig(
-        method=method,
-        sites=parse_list(sites),
-        exclude_sites=parse_list(exclude_sites),
-        top_k=top_k,
-        rank=rank,
-        lora_alpha=lora_alpha,
-        epochs=epochs,
-        search_epochs=search_epochs,
-        batch=batch,
-        crop=crop,
-        seed=seed,
-        precision=precision,
-        passes=passes,
-        checkpoint_every=checkpoint_every,
-        max_side=max_side,
-        recursive=recursive,
-        workers=workers,
-        optim=OptimConfig(lr=lr, gate_lr=gate_lr, clip_norm=clip_norm),
+        method=method, sites=parse_list(sites), exclude_sites=parse_list(exclude_sites), top_k=top_k, rank=rank,
+        lora_alpha=lora_alpha, steps=steps, search_steps=search_steps, epochs=epochs, search_epochs=search_epochs,
+        batch=batch, crop=crop, seed=seed, precision=precision, passes=passes, test_fraction=test_fraction,
+        log_every=log_every, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
+        max_side=max_side, recursive=recursive, workers=workers, optim=_optim_config(OptimConfig, optim),
     )
     config.validate()
+    if out is not None:
+        check_run_dir(out, resume, exist_ok)  # an earlier run in --out is refused before anything loads
     if not resume:
         list_images(images, recursive=recursive)  # a bad folder fails before CLIP loads
-    model = backbones.load(backbone, weights=weights)
+    model = backbones.load(backbone, weights=weights, input_norm=input_norm)
     if not resume and method != "full":
-        candidate_sites(model, config)  # bad --sites patterns fail before CLIP loads
+        candidate_sites(model, config)  # bad --sites / --top-k fail before CLIP loads
     options = {
         "clip": clip,
         "pretrained": clip_pretrained,
@@ -111,45 +136,55 @@ def adapt_command(
         "night": night or None,
     }
     loss = build_objective(objective, **{k: v for k, v in options.items() if v is not None})
-    run_dir = _choose_run_dir(out, name, resume, adapt_root, new_run_dir)
+    run_dir = choose_run_dir(out, name, resume, exist_ok)
     console.print(f"[bold]bilalora adapt[/] -> {run_dir}")
-    console.print(
-        f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, method {method}, "
-        f"device {device}, top-k {top_k}, rank {rank}, alpha {lora_alpha:g}, epochs {epochs} "
-        f"({search_epochs} search), batch {batch}, crop {crop}, lr {lr:g}, gate-lr {gate_lr:g}, seed {seed}"
-    )
-    console.print(f"[dim]{_DEFAULTS_NOTE}[/]")
-    result = adapt(model, images, loss, config, run_dir, device=device, resume=resume, console=console)
+    if resume:
+        console.print(f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, device {device}; "
+                      "the interrupted run's settings apply")
+    else:
+        console.print(
+            f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, method {method}, "
+            f"device {device}, top-k {top_k}, rank {rank}, alpha {lora_alpha:g}, batch {batch}, crop {crop}, "
+            f"lr {lr:g}, gate-lr {gate_lr:g} ({config.optim.gate_optimizer}), hypergradient "
+            f"{config.optim.hypergradient}, seed {seed}"
+        )
+        console.print(f"[dim]{_DEFAULTS_NOTE}[/]")
+    given = [field for param, field in _CONFIG_FIELDS.items() if _given(ctx, param)]
+    result = adapt(model, images, loss, config, run_dir, device=device, resume=resume, exist_ok=exist_ok,
+                   console=console, given=given)
+    _report(result)
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether the user set ``param`` (on the command line or through the environment), not its default."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _optim_config(optim_type, values: dict):
+    """OptimConfig from the flags; choices are checked by ``AdaptConfig.validate`` (one line naming the flag)."""
+    optim = optim_type(**{k: v for k, v in values.items() if k not in ("gate_optimizer", "hypergradient")})
+    for key in ("gate_optimizer", "hypergradient"):
+        if key in values:
+            setattr(optim, key, values[key])
+    return optim
+
+
+def _report(result) -> None:
     summary = result.summary
     moved = summary["movement"]
     if summary.get("selected"):
         console.print(f"selected sites: {', '.join(summary['selected'])}")
-    console.print(
-        f"validation half: mean |output change| {moved['mean_abs_output_change']:.4f}, objective "
-        f"{moved['objective_before']:.4f} -> {moved['objective_after']:.4f}"
-    )
-    console.print(f"[green]saved[/] {result.artefact}  (summary.json, log.jsonl beside it)")
+    if moved.get("images"):
+        seen = "held out from both levels" if moved["split"] == "test" else "the gates' validation half"
+        console.print(
+            f"{moved['split']} split ({moved['images']} images, {seen}): mean |output change| "
+            f"{moved['mean_abs_output_change']:.4f}, objective {moved['objective_before']:.4f} -> "
+            f"{moved['objective_after']:.4f}"
+        )
+    console.print(f"[green]saved[/] {result.artefact}  (summary.json, log.jsonl, results.png beside it)")
     if result.adapter is not None:
         console.print(f"next: bilalora export --merge --adapter {result.artefact}")
-
-
-def _choose_run_dir(out, name, resume, adapt_root, new_run_dir) -> Path:
-    from bilalora.errors import UserError
-
-    if out is not None:
-        return Path(out)
-    root = adapt_root()
-    if resume:
-        if name:
-            return root / name
-        candidates = sorted(
-            (p for p in root.glob("*") if (p / "checkpoints" / "last.pt").is_file()),
-            key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime_ns,
-        )
-        if not candidates:
-            raise UserError(f"--resume: no interrupted run under {root}; name it with --out or --name")
-        return candidates[-1]
-    return new_run_dir(root, name)
 
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

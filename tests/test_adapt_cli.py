@@ -15,7 +15,7 @@ from bilalora.adapter import Adapter
 from bilalora.cli.app import app
 
 ASSETS = Path(__file__).parent / "assets"
-FAST = ["--epochs", "4", "--search-epochs", "2", "--batch", "4", "--crop", "32", "--workers", "0",
+FAST = ["--steps", "4", "--search-steps", "2", "--batch", "4", "--crop", "32", "--workers", "0",
         "--lr", "1e-3", "--gate-lr", "1e-2", "--device", "cpu"]
 runner = CliRunner()
 
@@ -107,3 +107,89 @@ def test_adapt_user_errors_are_one_line(tmp_path, hazy_folder, base_weights):
     result = runner.invoke(app, ["adapt", "--images", str(hazy_folder), "--backbone", "dea-net-t"],
                            terminal_width=300)
     assert result.exit_code == 2 and "--weights" in result.output
+
+
+def _fails_in_one_line(args, expected):
+    result = runner.invoke(app, ["adapt", *args], terminal_width=300)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.output and len(errors) == 1 and expected in errors[0], result.output
+    assert result.output.rstrip().endswith(errors[0].rstrip()), result.output  # the error is the last, whole line
+    return result
+
+
+def test_adapt_refusals_are_one_line(tmp_path, hazy_folder, base_weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t",
+              "--weights", str(base_weights), *FAST]
+    for flag, value, expected in (("--lr", "-1", "--lr must be"), ("--gate-lr", "-1", "--gate-lr must be"),
+                                  ("--seed", "-1", "--seed must be"), ("--top-k", "99", "--top-k 99 is more than"),
+                                  ("--test-fraction", "1", "--test-fraction"),
+                                  ("--hypergradient", "magic", "--hypergradient magic"),
+                                  ("--gate-optimizer", "magic", "--gate-optimizer magic")):
+        _fails_in_one_line([*common, flag, value], expected)
+    _fails_in_one_line([*common, "--crop", "8"], "--crop 8 is too small")
+    assert not (tmp_path / "runs/adapt/exp").exists()  # a failed adapt leaves no run folder behind
+
+
+def test_adapt_out_existing_run(tmp_path, hazy_folder, base_weights):
+    out = tmp_path / "run"
+    common = ["--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t",
+              "--weights", str(base_weights), "--out", str(out), *FAST]
+    _invoke(["adapt", *common])
+    first = (out / "adapter.safetensors").read_bytes()
+    _fails_in_one_line(common, "already holds a run")
+    assert (out / "adapter.safetensors").read_bytes() == first
+    result = _invoke(["adapt", *common, "--exist-ok", "--seed", "4"])
+    assert "replacing the earlier run" in result.output
+    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 4
+
+
+def test_adapt_resume_cli(tmp_path, hazy_folder, base_weights):
+    """Resume: flags that differ are applied (--steps) or named as ignored; other weights are refused."""
+    out = tmp_path / "run"
+    common = ["--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t", "--out", str(out)]
+    _invoke(["adapt", *common, "--weights", str(base_weights), *FAST, "--checkpoint-every", "1"])
+    (out / "adapter.safetensors").unlink()
+    torch.manual_seed(1)
+    other = tmp_path / "other.pth"
+    torch.save(backbones.create("dea-net-t").state_dict(), other)
+    _fails_in_one_line([*common, "--weights", str(other), "--resume"], "not the ones the interrupted run")
+    result = _invoke(["adapt", *common, "--weights", str(base_weights), "--resume", "--steps", "6", "--rank", "4",
+                      "--device", "cpu"])
+    assert "applying --steps" in result.output and "--rank ignored" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schedule"] == {"search": 2, "finetune": 4} and summary["config"]["rank"] == 8
+
+
+def test_adapt_resume_refuses_a_crafted_checkpoint(tmp_path, hazy_folder, base_weights):
+    import os
+    import pickle
+
+    out = tmp_path / "run"
+    common = ["--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t", "--out", str(out),
+              "--weights", str(base_weights)]
+    _invoke(["adapt", *common, *FAST])
+    marker = tmp_path / "created-by-pickle"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (out / "checkpoints" / "last.pt").write_bytes(pickle.dumps({"config": Payload()}))
+    _fails_in_one_line([*common, "--resume"], "cannot read the checkpoint")
+    assert not marker.exists()
+
+
+def test_adapt_prints_the_schedule_and_names_bad_files(tmp_path, base_weights):
+    from bad_corpus import make_bad_corpus
+
+    corpus = make_bad_corpus(tmp_path / "mixed")
+    result = _invoke(["adapt", "--images", str(corpus["folder"]), "--objective", "prior", "--backbone", "dea-net-t",
+                      "--weights", str(base_weights), "--out", str(tmp_path / "run"), *FAST])
+    assert "schedule: search 2 steps" in result.output and "finetune 2 steps" in result.output
+    flat = " ".join(result.output.split())
+    for name in corpus["bad"]:
+        assert name in flat, name
+    assert "held out from both levels" in result.output

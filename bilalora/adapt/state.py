@@ -209,7 +209,11 @@ def read_checkpoint(run_dir: Path) -> dict:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure to read is the same user-facing problem
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        if "Weights only load failed" in text:
+            reason = "it holds objects other than tensors and plain data, refused because loading them could run code"
+        else:
+            reason = text.splitlines()[0] if text else type(err).__name__
         raise UserError(f"--resume: cannot read the checkpoint {path} (damaged, truncated or not a bilalora "
                         f"checkpoint: {reason[:160]})") from None
     needed = ("config", "base_fingerprint", "stage_index", "stage_step", "global_step")
