@@ -47,8 +47,9 @@ class Source:
         backbone: registry name (or ``package.module:factory`` given on the command line).
         weights: base weights file, "random", or None (the backbone's shipped weights).
         picked: one-line notes on defaults that were picked (printed by the CLI).
-        input_norm: what the base expects (``--input-norm``, else the run's record; None: what
-            the weights file records, else [0, 1]); see :func:`bilalora.backbones.load`.
+        input_norm: what the base expects: ``--input-norm``, else the run's record, else the
+            adapter's; None (base without a run): what the weights file records, else [0, 1].
+            See :func:`bilalora.backbones.load`.
     """
 
     mode: str
@@ -135,6 +136,10 @@ def resolve_source(
     norm: Any = input_norm
     if norm is None and "input_norm" in summary:
         norm = summary["input_norm"] or "none"
+    if norm is None and path is not None:
+        from bilalora.adapter import Adapter
+
+        norm = Adapter.load(path).input_norm or "none"  # the adapter records what its base expects
     return Source(mode, path, run, chosen, resolved, picked, norm)
 
 

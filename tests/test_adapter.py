@@ -270,3 +270,14 @@ def test_source_resolution_never_imports_a_recorded_factory(tmp_path, tiny_dea):
     assert source.load_base().bilalora_info["input_norm"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     flagged = resolve_source(adapter=run / "adapter.safetensors", runs_root=tmp_path / "runs", input_norm="none")
     assert flagged.load_base().bilalora_info["input_norm"] is None
+
+
+def test_source_takes_the_adapters_input_norm(tmp_path, tiny_dea):
+    from bilalora.backbones.normalize import fold_input_norm
+    from bilalora.sources import resolve_source
+
+    fold_input_norm(tiny_dea, [0.4] * 3, [0.3] * 3)
+    path = _trained_adapter(tiny_dea).save(tmp_path / "a.safetensors")
+    source = resolve_source(adapter=path, backbone="dea-net-t", weights="random", runs_root=tmp_path / "runs")
+    assert source.input_norm == {"mean": [0.4] * 3, "std": [0.3] * 3}
+    assert source.load_base().bilalora_info["input_norm"] == source.input_norm
