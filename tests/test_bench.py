@@ -36,19 +36,24 @@ def exported_run(tmp_path_factory):
     run = root / "runs" / "adapt" / "exp"
     make_adapter_run(run)
     paths = write_hazy_images(root / "hazy", count=8, size=(40, 52))
-    names = [p.name for p in paths]
-    # paths relative to images_root, itself relative to the run folder: the run can be moved with its images
-    split = {"seed": 0, "images_root": "../../../hazy", "train": names[:4], "val": names[4:6], "test": names[6:]}
-    (run / "split.json").write_text(json.dumps(split))
+    _write_split(root)
     run_export(ExportOptions(adapter=run / "adapter.safetensors", out=run / "export", fp16=True,
                              parity_sizes=((32, 32),), slim=False))  # fmt: skip
     return root
+
+
+def _write_split(root: Path) -> None:
+    """split.json as adapt writes it: names relative to an absolute images_root; 4 train, 2 val, 2 test."""
+    names = sorted(p.name for p in (root / "hazy").iterdir())
+    split = {"seed": 0, "images_root": str(root / "hazy"), "train": names[:4], "val": names[4:6], "test": names[6:]}
+    (root / "runs" / "adapt" / "exp" / "split.json").write_text(json.dumps(split))
 
 
 @pytest.fixture
 def workdir(exported_run, tmp_path, monkeypatch):
     target = tmp_path / "work"
     shutil.copytree(exported_run, target)
+    _write_split(target)  # the copy's own images
     monkeypatch.chdir(target)
     return target
 
@@ -218,12 +223,13 @@ def test_images_are_checked_before_the_latency_pass(workdir, monkeypatch):
     monkeypatch.setattr(pipeline, "time_backend", lambda *a, **k: timed.append(a) or pytest.fail("timed"))
     result = _invoke(*FAST, "--images", "nowhere")
     assert result.exit_code == 2 and "--images nowhere" in result.output and timed == []
-    (workdir / "runs/adapt/exp/split.json").write_text(json.dumps({"images_root": "gone", "test": ["a.png"]}))
+    (workdir / "runs/adapt/exp/split.json").write_text(json.dumps({"images_root": str(workdir / "gone"),
+                                                                    "train": [], "test": ["a.png"]}))  # fmt: skip
     result = _invoke(*FAST)
     assert result.exit_code == 2 and "none of its test images exist" in result.output and timed == []
     (workdir / "runs/adapt/exp/split.json").write_text("{not json")
     result = _invoke(*FAST)
-    assert result.exit_code == 2 and "split.json: not readable JSON" in result.output and timed == []
+    assert result.exit_code == 2 and "not readable as JSON" in result.output and timed == []
 
 
 def test_tiny_images_are_edge_padded_and_scored(workdir):

@@ -4,9 +4,10 @@ By default a benchmark scores the run's held-out ``test`` split: images that
 neither level of the adaptation saw. ``split.json`` (written by ``bilalora
 adapt``) holds::
 
-    {"seed": 0, "images_root": "/data/real_day",        # absolute, or relative to the run folder
+    {"seed": 0, "images_root": "/data/real_day",             # absolute
      "train": ["a.jpg", ...], "val": [...], "test": [...]}   # relative to images_root
 
+(read by :func:`bilalora.runs.read_split`, the one reader of the run-folder layout).
 Older runs stored ``train``/``val`` only, with paths as typed when the run
 started: they fall back to the validation half, with a note saying that the
 gates were trained on those images (not held out).
@@ -28,7 +29,7 @@ from typing import Any, Optional
 
 from ..errors import UserError
 
-__all__ = ["ImageSelection", "select_images", "read_split", "SPLITS"]
+__all__ = ["ImageSelection", "select_images", "SPLITS"]
 
 #: The parts of split.json, in the order a path is looked up.
 SPLITS = ("train", "val", "test")
@@ -67,42 +68,6 @@ def _key(path: Path) -> str:
         return str(path)
 
 
-def read_split(run: Path) -> Optional[dict[str, list[Path]]]:
-    """``{"train": [...], "val": [...], "test": [...]}`` as paths, or None when the run has no split.json.
-
-    Raises:
-        UserError: split.json is not readable JSON, or not an object of path lists.
-    """
-    from bilalora.io import read_json
-
-    file = Path(run) / "split.json"
-    if not file.is_file():
-        return None
-    try:
-        record = read_json(file)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{file}: not readable JSON ({exc}); pass --images DIR") from None
-    if not isinstance(record, dict):
-        raise UserError(f"{file}: expected a JSON object with train/val/test lists; pass --images DIR")
-    root_value = record.get("images_root")
-    if root_value is not None and not isinstance(root_value, str):
-        raise UserError(f"{file}: images_root must be a path string; pass --images DIR")
-    root = None
-    if root_value is not None:
-        root = Path(root_value)
-        if not root.is_absolute():
-            root = Path(run) / root if (Path(run) / root).is_dir() else root
-    split: dict[str, list[Path]] = {}
-    for name in SPLITS:
-        entries = record.get(name, [])
-        if entries is None:
-            entries = []
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise UserError(f"{file}: {name!r} must be a list of paths; pass --images DIR")
-        split[name] = [(root / e) if root is not None and not os.path.isabs(e) else Path(e) for e in entries]
-    return split
-
-
 def _folder_entries(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files of ``folder`` and the image-named entries that are not readable files (with why)."""
     from bilalora.data import IMAGE_SUFFIXES
@@ -138,7 +103,9 @@ def select_images(images: Optional[Path], run: Optional[Path]) -> ImageSelection
         UserError: a missing or empty folder, no run to take a split from, or a split whose
             images are all gone (one line saying to pass ``--images``).
     """
-    split = read_split(run) if run is not None else None
+    from bilalora.runs import read_split
+
+    split = read_split(run) if run is not None and (Path(run) / "split.json").is_file() else None
     lookup: dict[str, str] = {}
     for name in SPLITS:
         for path in (split or {}).get(name, []):
