@@ -125,6 +125,7 @@ def bench_command(
     base: bool = typer.Option(True, "--base/--no-base", help="Include the unadapted base network."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Base network (default: the run's)."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights (default: the run's)."),
+    input_norm: Optional[str] = typer.Option(None, "--input-norm", help="Input the base weights expect: clip | none | MEAN,STD (default: the run's or the file's record, else none)."),
     images: Optional[Path] = typer.Option(None, "--images", "-i", help="Images to score (default: the run's held-out test split)."),
     max_images: int = typer.Option(0, "--max-images", help="Score at most this many images (0: all)."),
     max_side: int = typer.Option(1024, "--max-side", help="Downsize images to this longer side first (0: keep)."),
@@ -132,7 +133,7 @@ def bench_command(
     iqa: Optional[str] = typer.Option(None, "--iqa", help="pyiqa metrics, comma-separated (musiq, niqe, brisque, piqe, ...)."),
     dcp: bool = typer.Option(False, "--dcp", help="Score the dark channel prior baseline too."),
     stretch: bool = typer.Option(True, "--stretch/--no-stretch", help="Score the base followed by a 1-99 % contrast stretch (per channel, and global)."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, torch-fp16 (CUDA), onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, tensorrt (default: all for the device)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, torch-fp16 (CUDA), onnx, onnx-fp16, onnx-int8, openvino, openvino-int8, tensorrt (default: all for the device; none: no latency)."),
     size: str = typer.Option("512x512", "--size", help="Input HxW of the latency runs."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing."),
     runs: int = typer.Option(20, "--runs", help="Timed runs per backend."),
@@ -146,9 +147,9 @@ def bench_command(
     from bilalora.bench.pipeline import BenchOptions, run_bench
 
     options = BenchOptions(
-        adapters=adapter or [], models=model or [], backbone=backbone, weights=weights, include_base=base,
+        adapters=adapter or [], models=model or [], backbone=backbone, weights=weights, input_norm=input_norm, include_base=base,
         images=images, max_images=max_images, max_side=max_side, metrics=_split(metrics), iqa=_split(iqa),
-        dcp=dcp, stretch=stretch, backends=_split(backends) or None, size=parse_hw(size, "--size", example="512x512"), warmup=warmup, runs=runs,
+        dcp=dcp, stretch=stretch, backends=[] if backends == "none" else (_split(backends) or None), size=parse_hw(size, "--size", example="512x512"), warmup=warmup, runs=runs,
         device=resolve_device(device), providers=_split(providers) or None, threads=threads, report=report,
         sheet=sheet,
     )  # fmt: skip
@@ -156,10 +157,11 @@ def bench_command(
     console.print(f"[bold]bilalora bench[/] on {options.device}", soft_wrap=True)
     with progress_bar() as progress:
         result = run_bench(options, _events(progress))
-    table, notes = _latency_table(result)
-    console.print(table)
-    for note in notes:
-        console.print(Text(note, style="dim"), soft_wrap=True)
+    if result.latency:
+        table, notes = _latency_table(result)
+        console.print(table)
+        for note in notes:
+            console.print(Text(note, style="dim"), soft_wrap=True)
     if result.quality is not None:
         for quality_table in _quality_tables(result):
             console.print(quality_table)

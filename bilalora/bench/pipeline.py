@@ -48,7 +48,7 @@ class BenchOptions:
         metrics: built-in metric names; iqa: pyiqa metric names (musiq, niqe, piqe, ...).
         dcp: score the dark channel prior baseline too.
         stretch: score the base followed by a contrast stretch (per-channel and global rows).
-        backends: subset of :data:`~.latency.FORMATS` (None: all that run on ``device``).
+        backends: subset of :data:`~.latency.FORMATS` (None: all that run on ``device``; empty: no latency pass).
         size: (H, W) of the timed input; warmup, runs: timing repetitions.
         device: torch device string (already resolved); providers: onnxruntime providers.
         threads: CPU threads for PyTorch and onnxruntime (0: their defaults).
@@ -61,6 +61,7 @@ class BenchOptions:
     models: Sequence[Path] = ()
     backbone: Optional[str] = None
     weights: Optional[str] = None
+    input_norm: Optional[str] = None
     include_base: bool = True
     images: Optional[Path] = None
     max_images: int = 0
@@ -243,7 +244,8 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
         torch.set_num_threads(options.threads)
     started = time.perf_counter()
     subjects, run, picked = resolve_subjects(options.adapters, options.models, options.backbone, options.weights,
-                                             options.include_base, options.runs_root)  # fmt: skip
+                                             options.include_base, options.runs_root,
+                                             input_norm=options.input_norm)  # fmt: skip
     for line in picked:
         events.info(line)
     # the images are checked before anything slow runs (a wrong --images fails at once)
@@ -262,7 +264,7 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
                                   "gmacs": round(measured.macs / 1e9, 3), "input_hw": list(options.size)}  # fmt: skip
 
     # ---- latency per format
-    backends = list(options.backends or default_formats(options.device))
+    backends = default_formats(options.device) if options.backends is None else list(options.backends)
     tick = time.perf_counter()
     events.start("latency", len(subjects) * len(backends))
     latency: list[LatencyRow] = []

@@ -77,7 +77,8 @@ def subject_from_export(folder: Path, name: Optional[str] = None) -> Subject:
         weights = str(record["weights"])
     backbone = record.get("backbone")
     if backbone and weights and (weights == "random" or Path(weights).is_file()):
-        model = backbones.load(backbone, weights=weights)
+        name = backbones.registered_name(backbone, f"{folder}/model.json")  # a recorded factory is never imported
+        model = backbones.load(name, weights=weights, input_norm=record.get("input_norm") or "none")
     label = name or (f"{folder.parent.name}/{folder.name}" if folder.parent.name else folder.name)
     return Subject(
         name=label,
@@ -123,6 +124,7 @@ def resolve_subjects(
     weights: Optional[str] = None,
     include_base: bool = True,
     runs_root: Optional[Path] = None,
+    input_norm: Optional[str] = None,
 ) -> tuple[list[Subject], Optional[Path], list[str]]:
     """The subjects to compare, the adapt run they came from (or None) and lines saying what was picked.
 
@@ -133,8 +135,8 @@ def resolve_subjects(
         backbone, weights: the base network (default: from the first adapter's run summary).
         include_base: add the unadapted base as the first subject.
         runs_root: folder of adapt runs (default ``runs/adapt``).
+        input_norm: what the base weights expect (``--input-norm``; default: the run's or the file's record).
     """
-    from bilalora import backbones
     from bilalora.adapter import Adapter, fingerprint
     from bilalora.export.merge import merge_adapter
     from bilalora.sources import resolve_source
@@ -150,13 +152,13 @@ def resolve_subjects(
 
     base_only = not adapters and (backbone or weights) is not None and latest_adapter_run(adapt_root(runs_root)) is None
     first = resolve_source(adapter=adapters[0] if adapters else None, base=base_only, backbone=backbone,
-                           weights=weights, runs_root=runs_root)  # fmt: skip
+                           weights=weights, runs_root=runs_root, input_norm=input_norm)  # fmt: skip
     notes.extend(first.picked)
     if base_only:
         notes.append(f"no adapt run under {adapt_root(runs_root)}: benchmarking the base {first.backbone} alone")
         include_base = True
     adapter_paths = [] if base_only else (adapters or [first.adapter])
-    base = backbones.load(first.backbone, weights=first.weights)
+    base = first.load_base()
     base_fp = fingerprint(base)
     base_info = {"backbone": first.backbone, "weights": first.weights or base.bilalora_info.get("weights")}
     if include_base:
