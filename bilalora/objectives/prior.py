@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import Objective, check_pair, clamp01, fp32_region
 
-__all__ = ["Prior", "colour_term", "estimate_airlight", "exposure_term", "hue_term", "luminance", "soft_dark_channel", "structure_term"]
+__all__ = ["Prior", "colour_term", "estimate_airlight", "exposure_term", "hue_term", "luminance", "soft_dark_channel",
+           "structure_term"]
 
 C2 = 0.03 ** 2
 
@@ -231,7 +232,8 @@ class Prior(Objective):
         if not 0.0 < float(exposure_target) < 1.0:
             raise UserError(f"prior exposure_target must lie in (0, 1), got {exposure_target!r}")
         if exposure_relative is not None and not float(exposure_relative) >= 0.0:
-            raise UserError(f"prior exposure_relative must be >= 0 (0 = use exposure_target), got {exposure_relative!r}")
+            raise UserError(
+                f"prior exposure_relative must be >= 0 (0 = use exposure_target), got {exposure_relative!r}")
         if exposure_relative is not None and float(exposure_relative) == 0.0:
             exposure_relative = None
         if int(dark_window) != dark_window or dark_window < 1 or dark_window % 2 == 0:
