@@ -365,7 +365,7 @@ def _patch_features(rgb_u8: np.ndarray) -> np.ndarray:
     mscn = (ig - mu) / (sigma + 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         cv = sigma / mu
-    cv[~np.isfinite(cv)] = np.nan  # 0/0 in black areas; guard +-Inf likewise (SPEC 1.7)
+    cv[~np.isfinite(cv)] = np.nan  # 0/0 in black areas; guard +-Inf likewise (docs/metrics.md, f5)
     ce_gray, ce_by, ce_rg = _contrast_energy(rgb)
 
     pair = mscn * np.roll(mscn, 1, axis=0)  # circular: row 0 pairs with the last row
