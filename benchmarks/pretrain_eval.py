@@ -1,10 +1,10 @@
 """Evaluate pretrained dehazing weights against DCP on a paired folder; optional real-haze contact sheet.
 
     python benchmarks/pretrain_eval.py --weights bilalora/weights/dea-net.safetensors \
-        [--pairs ../shared/data/synth_test] [--real ../shared/data/real_day] [--update-card]
+        --pairs DATA/synth_test [--real DATA/real_day] [--update-card]
 
 Both methods see the same whole images (the network's input is reflect-padded to a
-multiple of 4 and cropped back); PSNR/SSIM as in :mod:`bilalora.pretrain`
+multiple of 4 and cropped back); PSNR/SSIM as in :mod:`bilalora.metrics.reference`
 (outputs clamped to [0, 1], SSIM with an 11x11 Gaussian window over RGB).
 Prints a table and writes ``benchmarks/results/pretrain_eval_<weights stem>.json``;
 ``--real DIR`` also writes ``benchmarks/results/real_day_sheet_<weights stem>.jpg``
@@ -15,7 +15,6 @@ weights' JSON card (the ``evaluation`` key).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,26 +28,15 @@ from rich.table import Table
 from bilalora import backbones
 from bilalora.adapter import fingerprint
 from bilalora.baselines import dehaze_dcp
-from bilalora.data import list_images, load_image
+from bilalora.devices import cpu_name
+from bilalora.images import list_images, load_image
 from bilalora.io import read_json, write_json
 from bilalora.padding import crop_to, pad_to_multiple
 from bilalora.pairs import PairedFolder
-from bilalora.pretrain import evaluate
+from bilalora.validation import evaluate_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[1]
 console = Console(highlight=False)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.no_grad()
@@ -96,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", required=True, type=Path, help="plain .safetensors (a JSON card beside it is read)"
     )
     parser.add_argument("--backbone", default=None, help="registry name (default: from the card, else dea-net)")
-    parser.add_argument("--pairs", type=Path, default=REPO.parent / "shared" / "data" / "synth_test")
+    parser.add_argument("--pairs", type=Path, required=True, help="paired folder (hazy/ + clear/), e.g. synth_test")
     parser.add_argument("--real", type=Path, default=None, help="folder of real hazy photos for the contact sheet")
     parser.add_argument("--sheet-count", type=int, default=12)
     parser.add_argument("--device", default="cpu")
@@ -120,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.time()
-    model_scores = evaluate(model, pairs, args.device, crop=0)
+    model_scores = evaluate_pairs(model, pairs, args.device, crop=0)
     model_seconds = time.time() - started
     started = time.time()
-    dcp_scores = evaluate(None, pairs, dehaze=dehaze_dcp)
+    dcp_scores = evaluate_pairs(None, pairs, dehaze=dehaze_dcp)
     dcp_seconds = time.time() - started
 
     table = Table(title=f"{args.pairs.name}: {len(pairs)} pairs, whole images")
@@ -160,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "delta_ssim": model_scores["ssim"] - dcp_scores["ssim"],
         "acceptance_6db_met": bool(delta >= 6),
         "device": args.device,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],

@@ -81,15 +81,16 @@ def pretrain_command(
     import torch
 
     from bilalora.errors import UserError
+    from bilalora.mixture import resolve_synth_ratio
     from bilalora.pairs import ClearFolder, PairedFolder
-    from bilalora.pretrain import PretrainConfig, pretrain
+    from bilalora.pretrain import pretrain
+    from bilalora.pretrain_config import PretrainConfig
 
     if clear is not None and not synthesize:
         raise UserError("--clear needs --synthesize (hazy partners are made from the clear photos)")
     if synthesize and clear is None:
         raise UserError("--synthesize needs --clear DIR (haze-free photos, optional DIR/depth)")
-    if pairs is None and clear is None:
-        raise UserError("no training data: give --pairs DIR (hazy/ + clear/) and/or --clear DIR --synthesize")
+    resolve_synth_ratio(pairs is not None, clear is not None, synth_ratio)  # before decoding any folder
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)

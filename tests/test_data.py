@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import run_without_torch  # tests/ is on sys.path under pytest
 from PIL import Image
 
 from bilalora.data import (
@@ -24,9 +25,8 @@ from bilalora.data import (
     split_half,
     val_batches,
 )
-from bilalora.images import IMAGE_SUFFIXES, ImageDecodeError, ImageFolder, is_image_path, list_images, load_image
 from bilalora.errors import UserError
-from conftest import run_without_torch  # tests/ is on sys.path under pytest
+from bilalora.images import IMAGE_SUFFIXES, ImageDecodeError, ImageFolder, is_image_path, list_images, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 224
@@ -433,8 +433,7 @@ def test_images_import_where_torch_cannot():
 
 
 def test_data_reexports_the_reading_side_from_images():
-    import bilalora.data as data
-    import bilalora.images as images
+    from bilalora import data, images
 
     for name in ("IMAGE_SUFFIXES", "ImageDecodeError", "ImageFolder", "downsize", "list_images", "load_image"):
         assert getattr(data, name) is getattr(images, name)

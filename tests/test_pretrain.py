@@ -17,8 +17,9 @@ from bilalora import backbones
 from bilalora.adapter import fingerprint
 from bilalora.backbones.dea_net import DEANet, lift_plain_state, reparameterize
 from bilalora.errors import UserError
+from bilalora.metrics.reference import psnr, ssim
 from bilalora.pairs import PairedFolder, match_pairs
-from bilalora.pretrain import PretrainConfig, cosine_lr, psnr, ssim
+from bilalora.pretrain_config import PretrainConfig, cosine_lr
 
 runner = CliRunner()
 
@@ -296,3 +297,110 @@ def test_shipped_weights_match_their_card_and_run(monkeypatch):
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- split pieces (#9)
+
+
+def test_ssim_on_images_smaller_than_the_window():
+    for side in (10, 9, 4, 1):  # an even side below 11 once asked for a window larger than the image
+        x = torch.rand(1, 3, side, side)
+        assert torch.allclose(ssim(x, x), torch.ones(1), atol=1e-4)
+        assert float(ssim(x, 1 - x)[0]) < 0.5 or side == 1
+
+
+@pytest.mark.parametrize(
+    "has_pairs, has_clear, ratio, expected",
+    [(True, False, None, 0.0), (False, True, None, 1.0), (True, True, None, 0.5), (True, True, 0.3, 0.3)],
+)
+def test_resolve_synth_ratio_defaults(has_pairs, has_clear, ratio, expected):
+    from bilalora.mixture import resolve_synth_ratio
+
+    assert resolve_synth_ratio(has_pairs, has_clear, ratio) == expected
+
+
+@pytest.mark.parametrize(
+    "has_pairs, has_clear, ratio, message",
+    [
+        (False, False, None, "no training data"),
+        (True, True, 1.5, "must be in [0, 1]"),
+        (True, False, 0.2, "needs --clear"),
+        (False, True, 0.5, "needs --pairs"),
+    ],
+)
+def test_resolve_synth_ratio_errors(has_pairs, has_clear, ratio, message):
+    from bilalora.mixture import resolve_synth_ratio
+
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        resolve_synth_ratio(has_pairs, has_clear, ratio)
+
+
+def test_mixture_prefetched_batches_equal_direct_batches(tmp_path):
+    from bilalora.mixture import TrainMixture
+    from bilalora.pairs import ClearFolder
+
+    pairs = PairedFolder(make_pairs(tmp_path / "pairs", count=4))
+    clear = ClearFolder(make_clear(tmp_path / "clear"))
+    mixture = TrainMixture(pairs, clear, 0.5, batch=3, crop=32, seed=7)
+    direct = [mixture.batch_at(step) for step in range(2, 6)]
+    for workers in (0, 2):
+        got = list(mixture.iterate(2, 6, workers))
+        assert [step for step, _, _ in got] == [2, 3, 4, 5]
+        for (_, hazy, target), (want_hazy, want_target) in zip(got, direct):
+            assert torch.equal(hazy, want_hazy) and torch.equal(target, want_target)
+    assert not torch.equal(direct[0][0], direct[1][0])  # steps differ
+
+
+class _Payload:
+    """Pickled into a checkpoint: weights_only=True must refuse to rebuild it."""
+
+
+def test_checkpoint_refuses_pickled_objects_and_other_formats(tmp_path):
+    from bilalora.checkpoints import load_checkpoint, save_checkpoint
+
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, {"format": "x/1", "w": torch.ones(2), "step": 3})
+    assert load_checkpoint(good, "x/1")["step"] == 3
+    with pytest.raises(UserError, match="not a y/1 checkpoint"):
+        load_checkpoint(good, "y/1")
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "x/1", "payload": _Payload()}, str(unsafe))
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(unsafe, "x/1")
+    with pytest.raises(UserError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "none.pt", "x/1", hint="start afresh")
+
+
+def test_training_form_comes_from_the_spec_hooks():
+    from bilalora.card import plain_copy, plain_form
+    from bilalora.pretrain import build_train_model
+
+    model = build_train_model("dea-net-t")
+    assert model.train_form and any("conv1_1" in key for key in model.state_dict())
+    plain = plain_form(model)
+    assert plain is not model and not plain.train_form
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+    already = backbones.create("dea-net-t")
+    assert plain_form(already) is already  # plain stays itself; a copy is independent
+    copied = plain_copy(already)
+    assert copied is not already
+    for key, value in already.state_dict().items():
+        assert torch.equal(copied.state_dict()[key], value)
+
+
+def tiny_factory():
+    """A user backbone without a training form (``tests.test_pretrain:tiny_factory``)."""
+    return torch.nn.Conv2d(3, 3, 3, padding=1)
+
+
+def test_a_user_factory_without_training_form_pretrains_as_built(tiny_data, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    out = tiny_data / "user" / "w.safetensors"
+    args = _args(tiny_data, out, tiny_data / "work_user", "--dtype", "fp32")
+    args[args.index("--backbone") + 1] = "test_pretrain:tiny_factory"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["backbone"] == "test_pretrain:tiny_factory" and card["parameters"] == 3 * 3 * 9 + 3

@@ -8,6 +8,9 @@ gray (copied to three channels), or float in [0, 1] (converted with MATLAB
 ``"lower"`` or ``"higher"`` (which way is better) or ``"none"`` (informative
 only). :func:`evaluate` computes several at once; :func:`register_metric` adds one
 (e.g. BIQME or MUSIQ, which live elsewhere because they need model files or torch).
+
+Full-reference PSNR/SSIM against ground truth are in :mod:`bilalora.metrics.reference`
+(torch; not imported here, so this package stays torch-free).
 """
 
 from __future__ import annotations
