@@ -41,7 +41,8 @@ from .errors import UserError
 from .io import atomic_path
 from .sites import Site, by_name
 
-__all__ = ["Adapter", "fingerprint", "tensor_checksum", "FORMAT_VERSION", "MAX_FACTOR_ABS", "MAX_DELTA_RATIO"]
+__all__ = ["Adapter", "fingerprint", "tensor_checksum", "check_rank_alpha", "FORMAT_VERSION", "MAX_FACTOR_ABS",
+           "MAX_DELTA_RATIO"]
 
 #: Version 2 adds ``checksum`` and ``input_norm``; version 1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -298,6 +299,21 @@ class Adapter:
 
 
 # ---------------------------------------------------------------------- checks
+def check_rank_alpha(
+    rank: Any, alpha: Any, where: str, keys: tuple[str, str] = ("rank", "lora_alpha")
+) -> tuple[int, float]:
+    """(rank, lora_alpha) read from a file, checked: a positive integer and a positive finite number.
+
+    Raises:
+        UserError: one line, ``"<where> '<key>' must be ..."``.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise UserError(f"{where} '{keys[0]}' must be a positive integer, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"{where} '{keys[1]}' must be a positive number, got {alpha!r}")
+    return rank, float(alpha)
+
+
 def _parse_metadata(raw: str, path: Path) -> dict[str, Any]:
     """Decode and validate the ``bilalora`` metadata JSON (one-line UserError for each defect)."""
     where = f"adapter {path}"
@@ -314,13 +330,7 @@ def _parse_metadata(raw: str, path: Path) -> dict[str, Any]:
     for key in ("backbone", "base_fingerprint"):
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise UserError(f"{where}: metadata '{key}' must be a non-empty string, got {meta.get(key)!r}")
-    rank = meta.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"{where}: metadata 'rank' must be a positive integer, got {rank!r}")
-    alpha = meta.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise UserError(f"{where}: metadata 'lora_alpha' must be a positive number, got {alpha!r}")
-    meta["lora_alpha"] = float(alpha)
+    meta["rank"], meta["lora_alpha"] = check_rank_alpha(meta.get("rank"), meta.get("lora_alpha"), f"{where}: metadata")
     sites = meta.get("sites")
     if not isinstance(sites, list) or not sites:
         raise UserError(f"{where}: metadata has no 'sites' list (the selected sites and their gates)")

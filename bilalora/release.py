@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import Adapter, fingerprint
+from .adapter import Adapter, check_rank_alpha, fingerprint
 from .errors import UserError
 from .io import atomic_path
 
@@ -203,18 +203,13 @@ def gate_layer_first(adapter: Adapter, site: str, layers: list[str]) -> list[str
 
 
 def _config_values(config: Mapping[str, Any], where: str) -> tuple[int, float, list[str]]:
-    rank = config.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise UserError(f"{where}: config 'r' must be a positive integer, got {rank!r}")
-    alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise UserError(f"{where}: config 'lora_alpha' must be a positive number, got {alpha!r}")
+    rank, alpha = check_rank_alpha(config.get("r"), config.get("lora_alpha"), f"{where}: config", ("r", "lora_alpha"))
     selected = config.get("selected_layers")
     if isinstance(selected, (str, bytes)) or not isinstance(selected, (list, tuple)) or not selected:
         raise UserError(f"{where}: config 'selected_layers' must be a non-empty list of site names, got {selected!r}")
     if not all(isinstance(name, str) for name in selected) or len(set(selected)) != len(selected):
         raise UserError(f"{where}: config 'selected_layers' must be distinct site names, got {list(selected)!r}")
-    return rank, float(alpha), list(selected)
+    return rank, alpha, list(selected)
 
 
 def _logit(gate: float) -> float:
