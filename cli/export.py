@@ -1,7 +1,8 @@
-"""``bilalora export``: merge an adapter, export ONNX (fp32/fp16) and TensorRT engines, with parity gates.
+"""``bilalora export``: merge an adapter, export ONNX (fp32/fp16/INT8), OpenVINO and TensorRT, with parity gates.
 
-Thin over :func:`bilalora.export.run_export`: parse the flags, print one line
-per artefact (format, seconds, path, MB), the parity figures and the next commands.
+Thin over :func:`bilalora.export.run_export` (and :func:`bilalora.export.refit.refit_export`
+for ``--refit-onnx`` / ``--refit-engine``): parse the flags, print one line per
+artefact (format, seconds, path, MB), the parity figures and the next commands.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .common import console, err_console, user_errors
 
 
 def _printer():
-    from bilalora.export.pipeline import Events
+    from bilalora.export.options import Events
 
     class _Printer(Events):
         def info(self, message: str) -> None:
@@ -77,6 +78,10 @@ def export_command(
         None, "--backbone", "-b", help="Base network: registry name or package.module:factory (default: the run's)."
     ),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Base weights file (default: the run's)."),
+    input_norm: Optional[str] = typer.Option(
+        None, "--input-norm", help="Input the base weights expect: clip | none | MEAN,STD (default: the run's or "
+        "the file's record, else none); folded into the graph, which takes [0, 1] RGB."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: <run>/export."),
     merge: bool = typer.Option(
         True, "--merge/--no-merge", help="Bake the LoRA deltas into the weights, or keep the gated LoRA graph."
@@ -85,6 +90,19 @@ def export_command(
         False, "--trt", help="Also build a TensorRT engine (needs pip install 'bilalora\\[trt]')."
     ),
     fp16: bool = typer.Option(False, "--fp16", help="Also write model_fp16.onnx (fp32 I/O); the engine is fp16."),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also write a calibrated QDQ model_int8.onnx (PSNR >= 35 dB); the engine is INT8."
+    ),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="Calibration images for --int8 (default: the adapted run's training images)."
+    ),
+    calib_images: int = typer.Option(16, "--calib-images", min=1, help="How many calibration images (16)."),
+    openvino: bool = typer.Option(
+        False, "--openvino", help="Also write OpenVINO model.xml/.bin (fp16 weights; run in bf16 where the CPU can)."
+    ),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Allow a backbone without weights (random init; for tests only)."
+    ),
     shape: Optional[str] = typer.Option(None, "--shape", help="Fixed input HxW (multiples of 4), e.g. 720x1280."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Dynamic N, H, W (the default without --shape)."),
     min_hw: Optional[str] = typer.Option(None, "--min", help="Smallest HxW of the engine profile [64x64]."),
@@ -95,17 +113,30 @@ def export_command(
         None, "--opset", help="ONNX opset. Default: 17 (TorchScript exporter), 18 with --dynamo."
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of real images for the parity checks."),
-    refit: bool = typer.Option(False, "--refit", help="Refittable engine: swap merged adapters without a rebuild."),
+    refit: bool = typer.Option(
+        False, "--refit", help="Keep every weight named (no folding) so adapters swap in without a rebuild."
+    ),
+    refit_onnx: Optional[Path] = typer.Option(
+        None, "--refit-onnx", help="Swap --adapter's merged weights into this --refit export folder (to --out)."
+    ),
+    refit_engine: Optional[Path] = typer.Option(
+        None, "--refit-engine", help="Refit this TensorRT engine (of a --refit export) with --adapter's weights."
+    ),
     dynamo: bool = typer.Option(False, "--dynamo", help="Use the torch.export-based ONNX exporter."),
     workspace: float = typer.Option(4.0, "--workspace", min=0.1, help="TensorRT workspace memory limit, GiB."),
     slim: bool = typer.Option(True, "--slim/--no-slim", help="Simplify the ONNX graph with onnxslim when installed."),
 ) -> None:
-    """Export an adapted model: merged.safetensors, model.onnx, model_fp16.onnx, model.engine and model.json.
+    """Export an adapted model: merged.safetensors, model.onnx, model_fp16.onnx, model_int8.onnx, model.xml,
+    model.engine and model.json.
 
     Without --adapter the newest adapt run is exported into its export/ folder.
     Every artefact is checked against PyTorch (fp32 ONNX max abs error <= 1e-4,
-    fp16 PSNR >= 40 dB, engines PSNR >= 40 dB); a failure stops the export.
+    fp16, OpenVINO and engines PSNR >= 40 dB, INT8 PSNR >= 35 dB; saturated or
+    constant outputs always fail); a failure stops the export.
     """
+    if refit_onnx is not None or refit_engine is not None:
+        _refit(refit_onnx, refit_engine, adapter, out)
+        return
     from bilalora.export.pipeline import ExportOptions, run_export
 
     options = ExportOptions(
@@ -113,10 +144,16 @@ def export_command(
         base=base,
         backbone=backbone,
         weights=weights,
+        input_norm=input_norm,
         out=out,
         merge=merge,
         trt=trt,
         fp16=fp16,
+        int8=int8,
+        calib=calib,
+        calib_images=calib_images,
+        openvino=openvino,
+        random_weights=random_weights,
         shape=shape,
         dynamic=dynamic,
         min_hw=min_hw,
@@ -152,13 +189,30 @@ def export_command(
         f"Results saved to [bold]{escape(str(result.out_dir))}[/]; record: {escape(str(result.sidecar))}",
         soft_wrap=True,
     )
-    for index, command in enumerate(_available(result.next_commands)):
+    for index, command in enumerate(result.next_commands):
         console.print(Text(("Next:     " if index == 0 else "          ") + command), soft_wrap=True)
 
 
-def _available(commands: list[str]) -> list[str]:
-    """Keep the suggested commands whose subcommand this installation has (bench and run come later)."""
-    from .app import app
+def _refit(refit_onnx: Optional[Path], refit_engine: Optional[Path], adapter: Optional[Path], out: Optional[Path]):
+    """``--refit-onnx DIR`` / ``--refit-engine ENGINE`` with ``--adapter FILE``: swap weights, gate, print."""
+    from bilalora.export.refit import refit_export
 
-    names = {info.name for info in app.registered_commands}
-    return [command for command in commands if command.split()[1] in names]
+    if refit_onnx is not None and refit_engine is not None:
+        raise UserError("--refit-onnx and --refit-engine exclude each other (--refit-engine refits the ONNX too)")
+    if adapter is None:
+        raise UserError("--refit-onnx/--refit-engine need --adapter FILE: the adapter to swap in")
+    folder = refit_onnx if refit_onnx is not None else Path(refit_engine).parent
+    if refit_engine is not None and not Path(refit_engine).is_file():
+        raise UserError(f"--refit-engine {refit_engine}: no such engine file")
+    try:
+        result = refit_export(folder, adapter, out=out, require_engine=refit_engine is not None)
+    except UserError as exc:
+        err_console.print(Text.assemble(("error:", "bold red"), " ", exc.message), soft_wrap=True)
+        raise typer.Exit(2) from None
+    for name, count in result.swapped.items():
+        console.print(f"[bold]{escape(name)}:[/] {count} weights swapped in [green]OK[/]", soft_wrap=True)
+        if name in result.parity:
+            console.print(Text(f"  parity vs PyTorch: {result.parity[name]}"), soft_wrap=True)
+    for note in result.dropped:
+        err_console.print(Text.assemble(("warning:", "yellow"), " ", note), soft_wrap=True)
+    console.print(f"\nRefit complete: {escape(str(result.out_dir))}", soft_wrap=True)

@@ -52,22 +52,22 @@ class ExportWrapper(nn.Module):
 
     Args:
         model: the network, (N, 3, H, W) -> (N, 3, H, W).
-        half: the network's weights are fp16; the input is cast to fp16 and the
-            output back to fp32 inside the graph (fp32 I/O, fp16 compute).
+        half_compute: the network's weights are fp16; the input is cast to fp16 and
+            the output back to fp32 inside the graph (I/O stays fp32, compute is fp16).
         clamp: clamp the output to [0, 1] (in fp32, after the cast).
 
     Input: float32 (N, 3, H, W) in [0, 1]. Output: float32 (N, 3, H, W) in [0, 1].
     """
 
-    def __init__(self, model: nn.Module, half: bool = False, clamp: bool = True):
+    def __init__(self, model: nn.Module, half_compute: bool = False, clamp: bool = True):
         super().__init__()
         self.model = model
-        self.half_io = half
+        self.half_compute = half_compute
         self.clamp = clamp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.model(x.half() if self.half_io else x)
-        if self.half_io:
+        y = self.model(x.half() if self.half_compute else x)
+        if self.half_compute:
             y = y.float()
         return y.clamp(0.0, 1.0) if self.clamp else y
 
@@ -137,7 +137,7 @@ def export_onnx(
     network = copy.deepcopy(model).eval()
     if half:
         network = network.half()
-    wrapper = ExportWrapper(network, half=half).eval()
+    wrapper = ExportWrapper(network, half_compute=half).eval()
     batch, height, width = fixed if fixed is not None else (2, 64, 96)
     example = torch.rand(batch, 3, height, width)
     exporter = "dynamo" if dynamo else "torchscript"

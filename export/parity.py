@@ -7,9 +7,21 @@ sizes (multiples of 4, deliberately not square or powers of two) and, with
 
 * fp32 ONNX: max |onnx - torch| <= :data:`FP32_MAX_ABS` (1e-4) on every case;
 * fp16 ONNX: PSNR(onnx, torch fp32) >= :data:`FP16_MIN_PSNR` (40 dB) on every case;
+* INT8 ONNX (calibrated QDQ): PSNR >= :data:`INT8_MIN_PSNR` (35 dB), on the
+  calibration images and on held-out real images;
+* OpenVINO (fp16-compressed weights, run in bf16 where the CPU has it):
+  PSNR >= :data:`OPENVINO_MIN_PSNR` (40 dB);
 * TensorRT engines: PSNR >= :data:`ENGINE_MIN_PSNR` (40 dB; TensorRT uses TF32
   for fp32 engines on Ampere and later, so a max-abs gate of 1e-4 would not hold);
+  INT8 engines: 35 dB;
 * merge: max |gated - merged| <= :data:`MERGE_MAX_ABS` (1e-5).
+
+Every gate also fails a *degenerate* case, whatever the error: an output (or
+reference) that is not finite, is constant, or has at least
+:data:`SATURATED_FRACTION` of its values at exactly 0 or 1. Two saturated
+outputs agree perfectly, so without this check a corrupted adapter (one
+flipped exponent bit makes a weight 4.6e35 and every pixel 0 or 1) would pass
+every error gate.
 
 A failed gate raises :class:`ParityError`, a one-line :class:`UserError` naming
 the artefact, the case and the error.
@@ -20,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -30,7 +42,11 @@ __all__ = [
     "FP32_MAX_ABS",
     "FP16_MIN_PSNR",
     "ENGINE_MIN_PSNR",
+    "INT8_MIN_PSNR",
+    "OPENVINO_MIN_PSNR",
     "MERGE_MAX_ABS",
+    "degenerate",
+    "ort_session",
     "DEFAULT_SIZES",
     "Case",
     "ParityError",
@@ -48,7 +64,13 @@ __all__ = [
 FP32_MAX_ABS = 1e-4
 FP16_MIN_PSNR = 40.0
 ENGINE_MIN_PSNR = 40.0
+INT8_MIN_PSNR = 35.0
+OPENVINO_MIN_PSNR = 40.0
 MERGE_MAX_ABS = 1e-5
+#: A case whose output has at least this fraction of values at exactly 0 or 1 is degenerate.
+SATURATED_FRACTION = 0.98
+#: A case whose output spans less than this (max - min) is degenerate (constant).
+CONSTANT_RANGE = 1e-3
 
 #: Default (H, W) of the random cases: small and odd-ish (multiples of 4, not of 8 or 32).
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((64, 96), (260, 348))
@@ -94,13 +116,13 @@ def random_cases(sizes: Sequence[tuple[int, int]], batches: Sequence[int], seed:
 
 
 def image_cases(
-    folder: str | Path,
+    folder: str | Path | Sequence[Path],
     count: int = 2,
     max_side: int = 512,
     fixed: Optional[tuple[int, int, int]] = None,
     multiple: int = 4,
 ) -> list[Case]:
-    """Real photos from ``folder`` as parity cases (first ``count`` decodable images).
+    """Real photos from ``folder`` (or a list of image paths) as parity cases (first ``count`` decodable images).
 
     Each image is downsized so its longer side is at most ``max_side`` and
     reflect-padded (bottom/right) to a multiple of ``multiple``; with ``fixed``
@@ -109,11 +131,12 @@ def image_cases(
     import cv2
     import torch
 
-    from bilalora.data import ImageDecodeError, list_images, load_image
+    from bilalora.images import ImageDecodeError, list_images, load_image
     from bilalora.padding import pad_to_multiple
 
     loaded = []
-    for path in list_images(folder):  # decode only the first ``count`` readable images of a large folder
+    paths = list_images(folder) if isinstance(folder, (str, Path)) else [Path(p) for p in folder]
+    for path in paths:  # decode only the first ``count`` readable images of a large folder
         try:
             image = load_image(path)  # float32 (H, W, 3) RGB in [0, 1]
         except ImageDecodeError:
@@ -159,17 +182,41 @@ def gate_for(kind: str, precision: str) -> dict[str, float]:
     """The gate of an artefact: {"max_abs": x} or {"psnr_db": y}.
 
     Args:
-        kind: "onnx", "engine" or "merge".
-        precision: "fp32" or "fp16".
+        kind: "onnx", "engine", "openvino" or "merge".
+        precision: "fp32", "fp16", "bf16" or "int8".
     """
     if kind == "merge":
         return {"max_abs": MERGE_MAX_ABS}
+    if precision == "int8":
+        return {"psnr_db": INT8_MIN_PSNR}
     if kind == "engine":
         return {"psnr_db": ENGINE_MIN_PSNR}
+    if kind == "openvino":
+        return {"psnr_db": OPENVINO_MIN_PSNR}
     return {"max_abs": FP32_MAX_ABS} if precision == "fp32" else {"psnr_db": FP16_MIN_PSNR}
 
 
-def _passes(numbers: dict[str, float], gate: dict[str, float]) -> bool:
+def degenerate(array: np.ndarray) -> Optional[str]:
+    """Why an output in [0, 1] is degenerate ("not finite", "constant", "saturated"), or None.
+
+    Args:
+        array: float (N, 3, H, W) output of a network (clamped to [0, 1] by the export wrapper).
+    """
+    values = np.asarray(array, dtype=np.float64)
+    if values.size == 0:
+        return "empty"
+    if not np.isfinite(values).all():
+        return "not finite"
+    if float(values.max() - values.min()) < CONSTANT_RANGE:
+        return "constant"
+    if float(np.mean((values <= 0.0) | (values >= 1.0))) >= SATURATED_FRACTION:
+        return "saturated (all 0 or 1)"
+    return None
+
+
+def _passes(numbers: dict[str, Any], gate: dict[str, float]) -> bool:
+    if numbers.get("degenerate"):
+        return False
     if "max_abs" in gate and not numbers["max_abs"] <= gate["max_abs"]:
         return False
     return not ("psnr_db" in gate and not numbers["psnr_db"] >= gate["psnr_db"])
@@ -233,7 +280,9 @@ class ParityResult:
         for case in self.cases:
             if not case["passed"]:
                 shape = "x".join(map(str, case["shape"]))
-                if "max_abs" in self.gate:
+                if case.get("degenerate"):
+                    what = f"degenerate output: {case['degenerate']} (a corrupted adapter or weights?)"
+                elif "max_abs" in self.gate:
                     what = f"max abs error {case['max_abs']:.3e} > {self.gate['max_abs']:.0e}"
                 else:
                     what = f"PSNR {case['psnr_db']:.2f} dB < {self.gate['psnr_db']:g} dB"
@@ -253,10 +302,17 @@ def evaluate(
     gate: dict[str, float],
     reference: str = "PyTorch fp32",
 ) -> ParityResult:
-    """Compare ``outputs[i]`` with ``references[i]`` for every case under ``gate``."""
+    """Compare ``outputs[i]`` with ``references[i]`` for every case under ``gate``.
+
+    A case fails when either side is :func:`degenerate`, whatever the error.
+    """
     result = ParityResult(artefact, precision, reference, dict(gate))
     for case, output, expected in zip(cases, outputs, references):
-        numbers = compare(np.asarray(output), np.asarray(expected))
+        numbers: dict[str, Any] = compare(np.asarray(output), np.asarray(expected))
+        bad = degenerate(expected) or degenerate(output)
+        if bad:
+            side = "reference" if degenerate(expected) else "output"
+            numbers["degenerate"] = f"{side} {bad}"
         result.cases.append({"input": case.label, "shape": case.shape, **numbers, "passed": _passes(numbers, gate)})
     return result
 
@@ -282,33 +338,34 @@ def _torch_threads() -> int:
         return 0
 
 
+def ort_session(path: str | Path, threads: Optional[int] = None):
+    """An onnxruntime CPU session for ``path`` (quiet, no spinning; ``threads`` None: as many as torch uses)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = _torch_threads() if threads is None else int(threads)
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def onnx_parity(
     path: str | Path,
     precision: str,
     cases: Sequence[Case],
     references: Sequence[np.ndarray],
-    session_factory: Optional[Callable[[str], Any]] = None,
 ) -> ParityResult:
     """Run the ONNX file with onnxruntime (CPU provider) on every case and gate it.
 
     CPU onnxruntime runs fp16 graphs too (nodes without an fp16 kernel get casts
     inserted around them), so the fp16 gate measures fp16 storage of weights and
-    activations between nodes.
+    activations between nodes; INT8 (QDQ) graphs run with onnxruntime's reference
+    quantised kernels, which define the QDQ semantics TensorRT and OpenVINO follow.
     """
     path = Path(path)
-    if session_factory is None:
-        import onnxruntime as ort
-
-        def session_factory(file: str):
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.intra_op_num_threads = _torch_threads()
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(file, options, providers=["CPUExecutionProvider"])
-
     try:
-        session = session_factory(str(path))
+        session = ort_session(path)
         outputs = [session.run(["output"], {"input": case.array})[0] for case in cases]
     except Exception as exc:  # noqa: BLE001 - any runtime failure stops the export with one line
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

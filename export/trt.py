@@ -19,10 +19,17 @@ Precision:
   strongly typed), so an fp16 engine is built from ``model_fp16.onnx``, whose
   tensors are fp16 already; an fp32 engine from ``model.onnx``.
 
+* INT8 (``--int8 --trt``): built from the calibrated QDQ ``model_int8.onnx``
+  (explicit quantisation: the Q/DQ scales come from the file, no TensorRT
+  calibrator); TensorRT 10 also gets ``BuilderFlag.INT8``, TensorRT 11 reads
+  the types from the strongly typed graph.
+
 Engines are written byte for byte as TensorRT serialised them (nothing is
-prepended; the metadata goes to model.json). The timing cache is kept beside
-the engine in a file named after the GPU, its compute capability and the
-TensorRT version (a cache from another GPU or version is never reused).
+prepended; the metadata goes to model.json). The timing cache lives in the
+user cache folder (:func:`bilalora.runtime.cache.trt_cache_dir`, keyed by the
+GPU, its compute capability and the TensorRT version, shared with the
+runtime's onnxruntime TensorRT provider), so every export on a machine reuses
+it; a cache TensorRT cannot read is discarded with a warning, not an abort.
 
 ``--refit`` sets ``BuilderFlag.REFIT``; the engine's refittable weight names
 (the ONNX initializer names, which are the state-dict keys, see
@@ -61,6 +68,8 @@ __all__ = [
     "engine_plan",
     "gpu_info",
     "timing_cache_name",
+    "timing_cache_path",
+    "load_timing_cache",
     "refit_map",
     "EngineBuild",
     "build_engine",
@@ -218,8 +227,8 @@ class EnginePlan:
     """How to build an engine of a given precision with a given TensorRT major version.
 
     Attributes:
-        onnx: which ONNX file to parse ("model.onnx" or "model_fp16.onnx").
-        flags: BuilderFlag names to set besides REFIT (["FP16"] for TensorRT 10 fp16).
+        onnx: which ONNX file to parse ("model.onnx", "model_fp16.onnx" or "model_int8.onnx").
+        flags: BuilderFlag names to set besides REFIT (["FP16"] for TensorRT 10 fp16, ["INT8"] for int8).
         strongly_typed: whether the network is strongly typed (always on TensorRT 11).
     """
 
@@ -229,11 +238,13 @@ class EnginePlan:
 
 
 def engine_plan(precision: str, major: int) -> EnginePlan:
-    """Pick the ONNX source and builder flags for ``precision`` ("fp32"/"fp16") on TensorRT ``major``."""
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+    """Pick the ONNX source and builder flags for ``precision`` ("fp32"/"fp16"/"int8") on TensorRT ``major``."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
     if major < 10:
         raise UserError(f"TensorRT {major}.x is not supported; install TensorRT 10 or newer ({TRT_INSTALL_HINT})")
+    if precision == "int8":
+        return EnginePlan("model_int8.onnx", () if major >= 11 else ("INT8",), major >= 11)
     if major >= 11:
         return EnginePlan("model_fp16.onnx" if precision == "fp16" else "model.onnx", (), True)
     return EnginePlan("model.onnx", ("FP16",) if precision == "fp16" else (), False)
@@ -257,6 +268,35 @@ def timing_cache_name(gpu: str, capability: Sequence[int], version: str) -> str:
     """File name of the timing cache for one GPU model, compute capability and TensorRT version."""
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
     return f"timing-{slug}-sm{capability[0]}{capability[1]}-trt{version}.cache"
+
+
+def timing_cache_path(gpu: str, capability: Sequence[int], version: str) -> Path:
+    """The timing cache file in the user cache folder (:func:`bilalora.runtime.cache.trt_cache_dir`)."""
+    from bilalora.runtime.cache import trt_cache_dir
+
+    return trt_cache_dir(gpu, capability, version) / timing_cache_name(gpu, capability, version)
+
+
+def load_timing_cache(config, path: Path, log: Optional[Callable[[str], None]] = None):
+    """``config.create_timing_cache`` from ``path``; an unreadable or corrupt cache is discarded with a warning."""
+    data = b""
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            if log:
+                log(f"timing cache {path} is not readable ({exc}); building without it")
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+            if cache is not None:
+                return cache
+        except Exception:  # noqa: BLE001 - TensorRT raises on a corrupt cache; rebuild it instead
+            pass
+        if log:
+            log(f"timing cache {path} is corrupt or from another TensorRT; discarded, a new one is written")
+        path.unlink(missing_ok=True)
+    return config.create_timing_cache(b"")
 
 
 def refit_map(weight_names: Iterable[str], state_keys: Iterable[str]) -> dict[str, Optional[str]]:
@@ -331,7 +371,7 @@ def build_engine(
     plan = engine_plan(precision, major)
     source = Path(onnx_dir) / plan.onnx
     if not source.is_file():
-        need = "--fp16" if plan.onnx == "model_fp16.onnx" else ""
+        need = {"model_fp16.onnx": "--fp16", "model_int8.onnx": "--int8"}.get(plan.onnx, "")
         raise UserError(f"--trt needs {source} to build a {precision} engine with TensorRT {version}; export {need}")
     name, capability = gpu if gpu is not None else gpu_info()
     start = time.perf_counter()
@@ -360,9 +400,8 @@ def build_engine(
         trt_profile.set_shape(input_name, tuple(profile.min), tuple(profile.opt), tuple(profile.max))
         config.add_optimization_profile(trt_profile)
 
-    cache_path = engine_path.parent / timing_cache_name(name, capability, version)
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
+    cache_path = timing_cache_path(name, capability, version)
+    cache = load_timing_cache(config, cache_path, log)
     config.set_timing_cache(cache, False)
 
     serialized = builder.build_serialized_network(network, config)
@@ -392,11 +431,12 @@ def build_engine(
         "strongly_typed": plan.strongly_typed,
         "builder_flags": flags,
         "workspace_bytes": workspace,
-        "timing_cache": cache_path.name,
+        "timing_cache": str(cache_path),
         "profile": {input_name: {"min": list(profile.min), "opt": list(profile.opt), "max": list(profile.max)}},
         "refittable": bool(refit),
         "refittable_weights": refittable,
         "refit_dtype": ("float16" if plan.onnx == "model_fp16.onnx" else "float32") if refit else None,
+        "timing_cache_bytes": cache_path.stat().st_size if cache_path.is_file() else 0,
         "verified": "built with the tensorrt Python API; parity measured only when CUDA is visible",
     }
     if log:

@@ -267,7 +267,8 @@ def test_pipeline_parity_failure_stops_and_records(tmp_path, monkeypatch):
     from bilalora.export.pipeline import ExportOptions, run_export
 
     monkeypatch.setattr(parity, "FP32_MAX_ABS", 0.0)
-    options = ExportOptions(base=True, backbone="dea-net-t", out=tmp_path / "out", parity_sizes=((64, 96),), slim=False)
+    options = ExportOptions(base=True, backbone="dea-net-t", random_weights=True, out=tmp_path / "out",
+                            parity_sizes=((64, 96),), slim=False)  # fmt: skip
     with pytest.raises(ParityError) as info:
         run_export(options)
     message = str(info.value)

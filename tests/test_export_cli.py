@@ -101,7 +101,7 @@ def test_chain_export_merge_picks_newest_run(tmp_path, monkeypatch, hazy_folder)
     assert list(merged.state_dict()) == list(base.state_dict())
     assert fingerprint(merged) == merge["merged_fingerprint"]
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
-    assert json.loads(meta["bilalora"])["adapter_fingerprint"] == fingerprint(base)
+    assert json.loads(meta["bilalora"])["adapter_base_fingerprint"] == fingerprint(base)
     assert not list(out.glob(".*tmp*"))
 
 
@@ -148,7 +148,7 @@ def test_no_adapter_run_and_no_base_is_one_line(tmp_path, monkeypatch):
 def test_tensorrt_absent_writes_onnx_then_fails(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
-    result = _invoke("--base", "--backbone", "dea-net-t", "--trt", "--shape", "64x96")
+    result = _invoke("--base", "--backbone", "dea-net-t", "--random-weights", "--trt", "--shape", "64x96")
     assert result.exit_code != 0
     out = tmp_path / "runs" / "export" / "dea-net-t-base"
     assert "ONNX: export success" in result.output
@@ -168,7 +168,8 @@ def test_tensorrt_absent_writes_onnx_then_fails(tmp_path, monkeypatch):
     [
         (["--base", "--shape", "250x250"], "--shape 250x250: height and width must be multiples of 4"),
         (["--base", "--max", "1000x1001"], "--max 1000x1001: height and width must be multiples of 4"),
-        (["--base", "--refit"], "--refit makes a refittable TensorRT engine: add --trt"),
+        (["--base", "--backbone", "dea-net-t"], "backbone dea-net-t has no weights here"),
+        (["--base", "--backbone", "dea-net-t", "--random-weights", "--int8"], "--int8 needs calibration images"),
         (["--base", "--adapter", "x.safetensors"], "--adapter and --base exclude each other"),
         (["--adapter", "missing.safetensors"], "adapter file not found: missing.safetensors (--adapter)"),
         (
