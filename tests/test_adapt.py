@@ -396,3 +396,51 @@ class _Recorder:
 
         console.print = record
         return console
+
+
+def test_loop_reads_the_host_once_per_log_window(tmp_path, hazy_folder, monkeypatch):
+    """Outside the step functions the loop reads device values only when it logs (every log_every steps)."""
+    from bilalora.adapt import loop
+
+    counts = {"reads": 0}
+    inside_step = {"flag": False}
+    for method in ("item", "tolist", "__bool__", "__float__", "cpu"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if not inside_step["flag"]:
+                counts["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    for name in ("bilevel_step", "train_step"):
+        step = getattr(loop, name)
+
+        def wrapped(*args, _step=step, **kwargs):
+            inside_step["flag"] = True
+            try:
+                return _step(*args, **kwargs)
+            finally:
+                inside_step["flag"] = False
+
+        monkeypatch.setattr(loop, name, wrapped)
+    state_reads = []
+    original_run = loop.run_stages
+
+    def run_and_count(*args, **kwargs):
+        counts["reads"] = 0
+        original_run(*args, **kwargs)
+        state_reads.append(counts["reads"])
+
+    monkeypatch.setattr("bilalora.adapt.pipeline.run_stages", run_and_count)
+    reads = {}
+    for log_every in (5, 1):
+        config = _config(steps=10, search_steps=5, log_every=log_every, checkpoint_every=0, checkpoint_minutes=0,
+                         crop=16)
+        adapt(_model(), hazy_folder, ToyObjective(), config, tmp_path / f"run{log_every}")
+        reads[log_every] = state_reads.pop()
+    per_line = (reads[1] - reads[5]) / (10 - 2)  # 10 log lines against 2
+    print(f"host reads outside the step functions in 10 steps: {reads[5]} (log_every 5), {reads[1]} (log_every 1); "
+          f"{per_line:.1f} per log line")
+    assert 0 < per_line <= 4  # one read of the losses (+ one of the gates in the search) per log line
+    assert reads[5] / 10 <= 3  # stage ends (ranking, checkpoint copies) included
