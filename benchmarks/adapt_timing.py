@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--clip-pretrained", default=None)
     parser.add_argument("--clip-config", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", default=None, help="comma-separated fp32,bf16 (default: both on CUDA, fp32 on CPU)")
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated fp32,bf16 (default: both on CUDA, fp32 on CPU)")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
@@ -157,7 +158,8 @@ def main(argv=None) -> dict:
     Console().print(table)
     for precision in precisions:
         result = record["precisions"][precision]
-        print(f"{precision}: 3-pass / 2-pass = {result['three_pass_over_two_pass']}; peak MiB {result['peak_memory_mib']}")
+        ratio, peak = result["three_pass_over_two_pass"], result["peak_memory_mib"]
+        print(f"{precision}: 3-pass / 2-pass = {ratio}; peak MiB {peak}")
     out = Path(args.out) if args.out else RESULTS / (
         "adapt_timing_" + "".join(c if c.isalnum() else "_" for c in record["device"]).strip("_") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)

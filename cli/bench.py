@@ -15,8 +15,6 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bilalora.errors import UserError
-
 from bilalora.parsing import parse_hw, parse_list
 
 from .common import console, err_console, progress_bar, resolve_device, user_errors

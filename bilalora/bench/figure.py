@@ -35,8 +35,8 @@ def metrics_figure(quality: dict[str, Any], path: Path, title: str = "") -> Opti
     ranked = [m for m in metrics if quality["metrics"][m] != "none"]
     two_lines = bool(wins) and bool(ranked)
     columns = len(metrics)
-    figure, axes = plt.subplots(2 if two_lines else 1, columns, figsize=(2.6 * columns + 0.6, 6.4 if two_lines else 3.4),
-                                squeeze=False)  # fmt: skip
+    size = (2.6 * columns + 0.6, 6.4 if two_lines else 3.4)
+    figure, axes = plt.subplots(2 if two_lines else 1, columns, figsize=size, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {row: colours[i % len(colours)] for i, row in enumerate(rows)}
     for column, metric in enumerate(metrics):

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["Format", "FORMATS", "BACKENDS", "CUDA_ONLY", "default_formats", "Timing", "time_callable", "LatencyRow", "time_backend"]
+__all__ = ["Format", "FORMATS", "BACKENDS", "CUDA_ONLY", "default_formats", "Timing", "time_callable", "LatencyRow",
+           "time_backend"]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ def _report_dir(options: BenchOptions, run: Optional[Path]) -> Path:
     return new_run_dir(RUNS_ROOT / "bench")
 
 
-def _contact_sheet(kept: dict[str, list[np.ndarray]], names: list[str], path: Path, height: int = 240) -> Optional[Path]:
+def _contact_sheet(kept: dict[str, list[np.ndarray]], names: list[str], path: Path, height: int = 240
+                   ) -> Optional[Path]:  # fmt: skip
     """Rows of images, columns of subjects (labelled), written as JPEG atomically."""
     import cv2
 
@@ -266,15 +267,16 @@ def run_bench(options: BenchOptions, events: Optional[BenchEvents] = None) -> Be
     # ---- latency per format
     backends = default_formats(options.device) if options.backends is None else list(options.backends)
     tick = time.perf_counter()
-    events.start("latency", len(subjects) * len(backends))
     latency: list[LatencyRow] = []
-    for subject in subjects:
-        for backend in backends:
-            row = time_backend(subject, backend, tuple(options.size), options.device, options.warmup,
-                               options.runs, options.providers, cost.get(subject.name), options.threads)  # fmt: skip
-            latency.append(row)
-            events.advance("latency", f"{subject.name} {backend}: {row.status}")
-    events.done("latency")
+    if backends:
+        events.start("latency", len(subjects) * len(backends))
+        for subject in subjects:
+            for backend in backends:
+                row = time_backend(subject, backend, tuple(options.size), options.device, options.warmup, options.runs,
+                                   options.providers, cost.get(subject.name), options.threads)  # fmt: skip
+                latency.append(row)
+                events.advance("latency", f"{subject.name} {backend}: {row.status}")
+        events.done("latency")
     timings["latency"] = round(time.perf_counter() - tick, 3)
 
     # ---- quality over images

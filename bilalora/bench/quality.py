@@ -53,7 +53,8 @@ def resolve_metrics(names: Sequence[str], iqa: Sequence[str] = (), device: str =
     return specs
 
 
-def load_images(paths: Sequence[Path], max_side: Optional[int]) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, str]]]:
+def load_images(paths: Sequence[Path], max_side: Optional[int]
+                ) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, str]]]:  # fmt: skip
     """Decode images to uint8 (H, W, 3) RGB, longer side <= ``max_side``.
 
     Returns:
