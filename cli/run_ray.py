@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import typer
 from rich.markup import escape
 
 from bilalora.errors import UserError
@@ -82,8 +83,11 @@ def run_ray(
     for job in record["jobs"]:
         for skipped in job["skipped"]:
             err_console.print(f"[yellow]skipped[/] {escape(skipped['name'])}: {escape(skipped['reason'])}", soft_wrap=True)
+    for note in fleet["notes"]:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    console.print(f"record: {escape(str(path))}", soft_wrap=True)
     if record["interrupted"]:
         err_console.print("[yellow]interrupted[/]: the outputs finished so far are kept (rerun with --resume)")
-    console.print(f"record: {escape(str(path))}", soft_wrap=True)
+        raise typer.Exit(130)
     if record["frames"] == 0 and not fleet["resumed_outputs"]:
         raise UserError("no frame could be read")

@@ -154,14 +154,14 @@ class FleetWorker:
         """Dehaze one item; write its image files (atomically) or return its frames for the video.
 
         Returns:
-            dict with ``job``, ``seq``, ``frames``, ``seconds`` (busy time), ``latency_ms`` (per frame),
+            dict with ``job``, ``seq``, ``frames``, ``seconds`` (busy time, model load excluded), ``latency_ms``,
             ``outputs`` [(name, bytes, sha256)], ``images`` [(index, name, uint8 array)] for a video
             output, ``skipped`` [(name, reason)], ``worker`` (node, pid) and model loads so far.
         """
         from .streams import ImageSink
 
-        started = time.perf_counter()
         dehaze = self._model(item.model)
+        started = time.perf_counter()  # busy time: reading, dehazing, writing (loading is load_seconds)
         sink = ImageSink(item.out_folder, name=item.out_name) if item.out_folder else None
         outputs, images, latency, skipped = [], [], [], []
         for frame in self._frames(item, skipped):
@@ -312,7 +312,7 @@ def run_fleet(
     stats = _Stats(0)
     ray_info: dict[str, Any] = {"workers": [], "items": len(items), "batch": options.batch,
                                 "chunk_frames": options.chunk_frames, "resume": options.resume,
-                                "resumed_outputs": sum(s.done_outputs for s in states)}  # fmt: skip
+                                "resumed_outputs": sum(s.done_outputs for s in states), "notes": []}  # fmt: skip
     if items:
         ray = import_ray()
         started_cluster = _connect(ray, options)
@@ -322,11 +322,12 @@ def run_fleet(
             gpus_free = float(resources.get("GPU", 0))
             wants_gpu = any(_wants_gpu(m, options.dehazer) for m in {i.model for i in items})
             worker_gpus = options.worker_gpus if options.worker_gpus is not None else (1.0 if wants_gpu and gpus_free else 0.0)
-            if worker_gpus:
-                count = options.workers or max(1, int(gpus_free // worker_gpus))
-            else:
-                count = options.workers or max(1, int(float(resources.get("CPU", 1)) // options.worker_cpus))
-            count = min(count, len(items))
+            # no more workers than the cluster can place now: an actor Ray cannot place waits forever
+            fits = max(1, int(gpus_free // worker_gpus) if worker_gpus else int(float(resources.get("CPU", 1)) // options.worker_cpus))
+            count = min(options.workers or fits, fits, len(items))
+            if options.workers > fits:
+                ray_info["notes"].append(f"--workers {options.workers}: the cluster fits {fits} worker(s) of "
+                                         f"{options.worker_cpus:g} CPU / {worker_gpus:g} GPU; using {count}")  # fmt: skip
             dehazer = dict(options.dehazer)
             if not dehazer.get("threads") and not worker_gpus:
                 dehazer["threads"] = max(1, int(options.worker_cpus))
@@ -419,7 +420,10 @@ def _schedule(ray, actors, items, states, options, stats, report, total, console
         except KeyboardInterrupt:
             report.interrupted = True
             for ref in running:
-                ray.cancel(ref, force=True)
+                try:
+                    ray.cancel(ref)
+                except (ValueError, TypeError, RuntimeError):  # already finished, or not cancellable
+                    pass
         finally:
             for state in states:
                 state.finish(complete)

@@ -343,6 +343,17 @@ def test_manifest_gives_each_camera_its_own_model_through_the_cli(cluster, input
     assert all(w["fps_busy"] > 0 for w in record["ray"]["workers"])
 
 
+def test_a_model_that_fails_in_the_workers_is_one_line_and_workers_fit_the_cluster(cluster, inputs, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"this is not an onnx graph")
+    with pytest.raises(UserError) as caught:
+        _fleet([Job(str(inputs["frames"]), str(tmp_path / "out"))], broken, workers=2)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+    record = _fleet([Job(str(inputs["frames"]), str(tmp_path / "out"))], inputs["model_a"], workers=5)
+    assert len(record["ray"]["workers"]) == 2 and "fits 2 worker(s)" in record["ray"]["notes"][0]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
