@@ -1,8 +1,11 @@
 """Tests for bilalora.metrics (FADE, entropy, weight-free haze measures).
 
-Reference-value tests read ``shared/metrics`` (FADE test images and
-``reference_values.json``) through the ``shared_dir`` fixture and are skipped
-when that folder is absent; the other tests build their images here.
+FADE and entropy are checked against the original FADE code's numbers on two of
+the FADE release's test images committed in ``tests/assets/fade`` (licence and
+provenance in its NOTICE.md), so they always run. The release's PNG image and the
+BIQME image are not committed: their tests read the reference-data folder through
+the ``shared_dir`` fixture and are skipped when it is absent. The other tests build
+their images here.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from bilalora.metrics import (
 from bilalora.metrics.fade import matlab_gray, matlab_round, matlab_uint8, to_uint8_rgb
 
 FADE_IMAGES = ("test_image1.png", "test_image2.JPG", "test_image3.jpg")
+#: The FADE release images committed with the tests, and the original code's numbers for them.
+ASSETS = Path(__file__).resolve().parent / "assets" / "fade"
+COMMITTED = ("test_image2.JPG", "test_image3.jpg")
 
 
 # ----------------------------------------------------------------------------
@@ -49,6 +55,12 @@ def shared_dir() -> Path:
     if not (path / "metrics" / "reference_values.json").is_file():
         pytest.skip(f"shared metric data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def committed_reference() -> dict:
+    with open(ASSETS / "reference.json", encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +143,10 @@ def test_fade_test_image1_reference(shared_dir, reference):
     assert d == res.D and np.array_equal(dmap, res.D_map, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", FADE_IMAGES[1:])
-def test_fade_jpeg_reference(shared_dir, reference, name):
-    ref = reference["fade"]["images"][f"fade/testdata/{name}"]
-    img = _load_rgb(shared_dir / "metrics" / "fade" / "testdata" / name)
+@pytest.mark.parametrize("name", COMMITTED)
+def test_fade_jpeg_reference(committed_reference, name):
+    ref = committed_reference["fade"][name]
+    img = _load_rgb(ASSETS / name)
     assert list(img.shape[:2]) == ref["size_hw"]
     res = fade_details(img)
     assert abs(res.D - ref["D"]) < 1e-5
@@ -144,18 +156,20 @@ def test_fade_jpeg_reference(shared_dir, reference, name):
     assert res.n_nan_patches == ref["n_nan_patches"]
 
 
-def test_fade_float_input_matches_uint8(shared_dir, reference):
-    img = _load_rgb(shared_dir / "metrics" / "fade" / "testdata" / "test_image1.png")
+def test_fade_float_input_matches_uint8(committed_reference):
+    img = _load_rgb(ASSETS / "test_image2.JPG")
     d = fade(img.astype(np.float32) / 255.0)
-    assert abs(d - reference["fade"]["images"]["fade/testdata/test_image1.png"]["D"]) < 1e-6
+    assert d == fade(img)
+    assert abs(d - committed_reference["fade"]["test_image2.JPG"]["D"]) < 1e-5
 
 
-def test_fade_speed(shared_dir):
-    img = _load_rgb(shared_dir / "metrics" / "fade" / "testdata" / "test_image1.png")
+def test_fade_speed():
+    """0.48 MP in under 5 s of this process's CPU time (not wall time: the machine may be shared)."""
+    img = _load_rgb(ASSETS / "test_image2.JPG")
     fade(img)  # warm caches
-    start = time.perf_counter()
+    start = time.process_time()
     fade(img)
-    assert time.perf_counter() - start < 5.0
+    assert time.process_time() - start < 5.0
 
 
 # ----------------------------------------------------------------------------
@@ -235,12 +249,19 @@ def test_metrics_module_does_not_import_torch():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", FADE_IMAGES)
-def test_entropy_reference(shared_dir, reference, name):
+@pytest.mark.parametrize("name", COMMITTED)
+def test_entropy_reference(committed_reference, name):
+    img = _load_rgb(ASSETS / name)
+    assert abs(entropy(img) - committed_reference["entropy_matlab_style"][name]) < 1e-4
+    pooled = committed_reference["entropy_of_rgb_array_pooled_channels"][name]
+    assert abs(entropy(img, mode="rgb") - pooled) < 1e-4
+
+
+def test_entropy_png_reference(shared_dir, reference):
     ref = reference["entropy_matlab_style"]
-    img = _load_rgb(shared_dir / "metrics" / "fade" / "testdata" / name)
-    assert abs(entropy(img) - ref[f"fade/testdata/{name}"]) < 1e-4
-    pooled = ref["entropy_of_rgb_array_pooled_channels"][f"fade/testdata/{name}"]
+    img = _load_rgb(shared_dir / "metrics" / "fade" / "testdata" / "test_image1.png")
+    assert abs(entropy(img) - ref["fade/testdata/test_image1.png"]) < 1e-4
+    pooled = ref["entropy_of_rgb_array_pooled_channels"]["fade/testdata/test_image1.png"]
     assert abs(entropy(img, mode="rgb") - pooled) < 1e-4
 
 
