@@ -181,3 +181,34 @@ def test_cli_import_export_round_trip(release_files, tmp_path):
     assert all(torch.equal(back[k], v) for k, v in state.items() if not k.endswith(".alpha"))
     shown = runner.invoke(app, ["adapter", "show", str(day)])
     assert shown.exit_code == 0 and "level3_block2" in shown.output
+
+
+def test_release_checkpoint_through_export_and_runtime(release_files, tmp_path, monkeypatch):
+    """A CLIP-normalised release base + LoRA.pth: imported, exported and run by the torch-free runtime on [0, 1]
+    input, gives the release's forward (CLIP-normalised input, gated deltas) within ONNX's fp32 error."""
+    import numpy as np
+    from bilalora.cli.app import app
+    from bilalora.runtime import Dehazer
+
+    weights, release, base, state = release_files
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    day = tmp_path / "day.safetensors"
+    result = runner.invoke(app, ["adapter", "import", str(release), "-b", "dea-net-t", "-w", str(weights),
+                                 "-o", str(day)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", "--adapter", str(day), "--weights", str(weights), "--out", str(out)],
+                           terminal_width=250)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "model.json").read_text())
+    assert record["input_norm"]["mean"] == pytest.approx(list(CLIP_MEAN))
+    x = torch.rand(1, 3, 48, 64)
+    reference = _release_reference(base, state, x).clamp(0, 1)[0].numpy()
+    dehazer = Dehazer(out, prefer="onnx", precision="fp32")
+    ours = dehazer.dehaze_rgb(x[0].numpy().astype(np.float32))
+    assert np.abs(ours - reference).max() < 1e-4
+    # the same graph without the folded normalisation would be far off: the check has teeth
+    plain = backbones.load("dea-net-t", weights=weights, input_norm="none")
+    with torch.no_grad():
+        assert (plain(x).clamp(0, 1)[0].numpy() - reference).__abs__().max() > 1e-2
