@@ -37,8 +37,10 @@ def exported_run(tmp_path_factory):
     make_adapter_run(run)
     write_hazy_images(root / "hazy", count=8, size=(40, 52))
     _write_split(root)
-    run_export(ExportOptions(adapter=run / "adapter.safetensors", out=run / "export", fp16=True,
-                             parity_sizes=((32, 32),), slim=False))  # fmt: skip
+    # every format bench times on a CPU: ONNX fp32/fp16, INT8 QDQ (2 calibration images), OpenVINO IR
+    run_export(ExportOptions(adapter=run / "adapter.safetensors", out=run / "export", fp16=True, int8=True,
+                             calib=root / "hazy", calib_images=2, openvino=True, parity_sizes=((32, 32),),
+                             slim=False))  # fmt: skip
     return root
 
 
@@ -73,6 +75,11 @@ def test_bench_chains_from_the_newest_run(workdir):
     assert rows[("adapted", "onnx-fp16")]["megabytes"] < rows[("adapted", "onnx")]["megabytes"]
     assert "bilalora export --base" in rows[("base", "onnx")]["status"]
     assert rows[("adapted", "tensorrt")]["status"].startswith("skipped")
+    for backend in ("onnx-int8", "openvino", "openvino-int8"):  # through the runtime's backends
+        assert rows[("adapted", backend)]["status"] == "OK" and rows[("adapted", backend)]["ms"]["runs"] == 2, backend
+    assert rows[("adapted", "openvino")]["device"].startswith("OpenVINO")
+    assert rows[("adapted", "onnx-int8")]["file"].endswith("model_int8.onnx")
+    assert rows[("adapted", "openvino-int8")]["file"].endswith("model_int8.onnx")
     assert rows[("adapted", "onnx")]["ms"]["fps"] == pytest.approx(1000 / rows[("adapted", "onnx")]["ms"]["p50"])
 
     quality = record["quality"]
@@ -318,16 +325,20 @@ def test_an_artefact_that_failed_its_gate_is_not_timed(workdir):
     path, record = _export_record(workdir)
     record["artefacts"]["model_fp16.onnx"]["parity"]["passed"] = False
     record["artefacts"]["model_fp16.onnx"]["parity"]["psnr_db"] = 21.5
+    record["artefacts"]["model.xml"]["removed"] = True  # how export records a file its gate removed
+    del record["artefacts"]["model_int8.onnx"]  # never exported
     path.write_text(json.dumps(record))
-    result = _invoke(*FAST, "--metrics", "", "--backends", "onnx-fp16,onnx-int8,openvino,openvino-int8", "--no-base")
+    result = _invoke(*FAST, "--metrics", "", "--backends", "onnx,onnx-fp16,onnx-int8,openvino,openvino-int8", "--no-base")
     assert result.exit_code == 0, result.output
     rows = {r["backend"]: r for r in json.loads((workdir / "runs/adapt/exp/bench/bench.json").read_text())
             ["latency"]["rows"]}  # fmt: skip
+    assert rows["onnx"]["status"] == "OK"
     assert rows["onnx-fp16"]["status"] == ("skipped: model_fp16.onnx failed its parity gate at export (21.5 dB); "
                                            "not shipped")
+    assert rows["openvino"]["status"].startswith("skipped: model.xml failed its parity gate")
     assert "bilalora export --int8" in rows["onnx-int8"]["status"]
-    assert "bilalora export --openvino" in rows["openvino"]["status"]
     assert "bilalora export --int8" in rows["openvino-int8"]["status"]
+    assert all(rows[b]["ms"] is None for b in ("onnx-fp16", "onnx-int8", "openvino", "openvino-int8"))
 
 
 # --------------------------------------------------------------------------- classical rows
