@@ -205,6 +205,11 @@ def test_in_place_runs_are_refused_unless_overwrite(exported, tmp_path):
     result = _invoke("-m", str(folder), "-i", str(photos), "-o", str(photos), "--overwrite")
     assert result.exit_code == 0, result.output
     assert not np.array_equal(cv2.imread(str(photos / "a.png")), original)
+    clip = tmp_path / "clip.avi"
+    _write_video(clip, 3)
+    before = clip.read_bytes()
+    result = _invoke("-m", str(folder), "-i", str(clip), "-o", str(clip))
+    assert result.exit_code == 2 and "would overwrite" in result.output and clip.read_bytes() == before
 
 
 def test_ctrl_c_during_a_video_keeps_frames_and_exits_130(exported, tmp_path, monkeypatch):
@@ -266,6 +271,25 @@ def test_openvino_bf16_is_chosen_where_the_cpu_has_bf16(exported, tmp_path):
     (target / "model.bin").write_bytes(b"\0" * 16)  # the weights beside model.xml swapped
     with pytest.raises(UserError, match="model.bin: sha256"):
         Dehazer(target)
+
+
+def test_openvino_backend_works_without_torch(exported, tmp_path):
+    from conftest import run_without_torch
+
+    _, folder = exported
+    target = _add_openvino(_copy_export(folder, tmp_path / "export"))
+    from bilalora.runtime.ov_backend import cpu_has_bf16
+
+    code = (
+        "import numpy as np\n"
+        "from bilalora.runtime import Dehazer\n"
+        f"d = Dehazer({str(target)!r})\n"
+        "assert d(np.zeros((21, 30, 3), np.uint8)).shape == (21, 30, 3)\n"
+        "print('backend', d.backend.name)\n"
+    )
+    result = run_without_torch(code)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert f"backend {'openvino' if cpu_has_bf16() else 'onnxruntime'}" in result.stdout
 
 
 def test_openvino_that_failed_its_gate_is_not_run(exported, tmp_path):
