@@ -208,6 +208,19 @@ def test_release_checkpoint_through_export_and_runtime(release_files, tmp_path, 
     dehazer = Dehazer(out, prefer="onnx", precision="fp32")
     ours = dehazer.dehaze_rgb(x[0].numpy().astype(np.float32))
     assert np.abs(ours - reference).max() < 1e-4
+    # and `bilalora run` on a photo file: the saved PNG is the reference rounded to 8 bits
+    import cv2
+
+    photo = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "hazy.png"), cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
+    result = runner.invoke(app, ["run", "-i", str(tmp_path / "hazy.png"), "-o", str(tmp_path / "out"), "-m", str(out),
+                                 "--precision", "fp32"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    written = next((tmp_path / "out").glob("hazy*.png"))
+    saved = cv2.cvtColor(cv2.imread(str(written)), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    fed = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255
+    expected = _release_reference(base, state, fed).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    assert np.abs(saved - expected).max() <= 1 / 255 + 1e-4
     # the same graph without the folded normalisation would be far off: the check has teeth
     plain = backbones.load("dea-net-t", weights=weights, input_norm="none")
     with torch.no_grad():
