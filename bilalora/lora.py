@@ -1,33 +1,55 @@
-"""Gated LoRA for Conv2d and Linear layers (docs/method.md, "Gated LoRA"), after PEFT's LoRA layer.
+"""Gated LoRA for Conv2d and Linear layers (docs/method.md, "Gated LoRA").
 
-For a frozen conv weight W (C_out, C_in/g, kh, kw) the layer learns
-A (r*kh, C_in/g*kw) (Kaiming-uniform, a = sqrt(5)) and B (C_out*kh, r*kh)
-(zeros); the effective weight is
+The factorisation is loralib's (Hu et al.'s reference ``ConvLoRA``): for a
+frozen conv weight W (C_out, C_in/g, kh, kw) the layer learns
+A (r*kh, C_in/g*kw) (Kaiming-uniform, a = sqrt(5), drawn from the CPU
+generator so a seed means the same start on every device) and
+B (C_out*kh, r*kh) (zeros); for a Linear W (C_out, C_in), A (r, C_in) and
+B (C_out, r). The delta and the effective weight are
 
-    W_eff = W + gate * (lora_alpha / r) * reshape(B @ A, W.shape)
+    delta_W = gate * (lora_alpha / r) * reshape(B @ A, W.shape)
+    W_eff   = W + delta_W
 
 with ``gate = sigmoid(a)`` for a logit ``a`` shared by all layers of a site
-(or 1 for ungated LoRA). The delta is added to the weight and the frozen
-layer's own conv runs with it, so stride, dilation, groups and padding mode
-are honoured exactly, and :func:`merge` writes W_eff back with no change of
-output.
+(or 1 for ungated LoRA). The frozen layer's own conv runs with the delta, so
+stride, dilation, groups and padding mode are honoured exactly.
+
+Precision. In float32 the forward pass is ``conv(x, W_eff)``. Under autocast
+(bf16 on CUDA by default) ``W + delta_W`` would be rounded to bf16 by the
+convolution and a small delta (1e-3 of W) is mostly rounded away; the layer
+then runs the LoRA contribution as its own branch and sums in float32:
+
+    y = float(conv(x, W)) + float(conv(x, delta_W))          (output float32)
+
+so the delta keeps its own relative precision (measured on the CPU with bf16
+autocast: README, "Sites, LoRA and adapters"). Merging stays exact: the branch
+is linear in the weight.
+
+Merge and unmerge follow PEFT's ``tuners/lora/layer.py``: each layer has
+:meth:`~_LoRALayer.get_delta_weight`, :meth:`~_LoRALayer.merge` (with
+``safe_merge`` refusing non-finite weights), :meth:`~_LoRALayer.unmerge` and a
+``merged`` flag, so an adapter can be folded in and taken out of a live model;
+``enabled`` switches a layer's LoRA off without touching its factors.
 
 Injection replaces ``site.conv1`` by a :class:`LoRAConv2d` holding the original
 conv as ``.base``; the site module gets one :class:`SiteGate` as
-``.lora_gate``. :func:`merge` and :func:`strip` restore the original module
-tree (same state-dict keys and shapes as the base model).
+``.lora_gate``. :func:`merge` (merge then :func:`strip`) and :func:`strip`
+restore the original module tree (same state-dict keys and shapes as the base
+model); :func:`keep_sites` removes the other sites and fixes the kept gates in
+place, keeping the kept layers' parameter objects.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sites import Site, by_name
+from .errors import UserError
+from .sites import Site
 
 __all__ = [
     "SiteGate",
@@ -42,9 +64,14 @@ __all__ = [
     "lora_state_dict",
     "load_lora_state_dict",
     "gate_values",
+    "gate_tensor",
     "set_gate_values",
     "merge",
+    "merge_adapter",
+    "unmerge_adapter",
+    "set_enabled",
     "strip",
+    "remove_sites",
     "keep_sites",
     "base_state_dict",
     "count_parameters",
@@ -58,13 +85,13 @@ _GATE_HANDLE = "_lora_site_gate"
 class SiteGate:
     """The gate of one site: ``sigmoid(logit)``, or the constant 1 when ungated.
 
-    The logit is an ``nn.Parameter`` registered on the site module as
+    The logit is a 0-d ``nn.Parameter`` registered on the site module as
     ``lora_gate`` (a parameter, not a child module, so containers such as
     ``nn.Sequential`` keep iterating only their layers); this object is the
     handle the site's LoRA layers share.
 
     Args:
-        logit: initial logit (default 0, i.e. gate 0.5).
+        logit: initial logit (0, i.e. gate 0.5).
         gated: False for plain LoRA (the ``manual`` baseline): value() is 1.
     """
 
@@ -83,13 +110,14 @@ class SiteGate:
 
 
 class _LoRALayer(nn.Module):
-    """Shared logic of LoRA layers: the factors, the delta, the effective weight."""
+    """Shared logic of LoRA layers: the factors, the delta, merge/unmerge, the forward pass."""
 
     base: nn.Module
     lora_A: nn.Parameter
     lora_B: nn.Parameter
 
-    def __init__(self, base: nn.Module, rank: int, lora_alpha: float, gate: SiteGate, a_shape, b_shape):
+    def __init__(self, base: nn.Module, rank: int, lora_alpha: float, gate: SiteGate, a_shape, b_shape,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -98,9 +126,14 @@ class _LoRALayer(nn.Module):
         self.rank = rank
         self.lora_alpha = float(lora_alpha)
         self.scale = self.lora_alpha / rank
-        self.lora_A = nn.Parameter(weight.new_empty(a_shape))
+        # kaiming_uniform_(a=sqrt(5)) on a (rows, cols) matrix is U(-1/sqrt(cols), 1/sqrt(cols)); drawn on the
+        # CPU (the global generator unless one is given), so the start does not depend on the weight's device.
+        bound = 1.0 / math.sqrt(a_shape[1])
+        init = torch.empty(a_shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(init.to(device=weight.device, dtype=weight.dtype))
         self.lora_B = nn.Parameter(weight.new_zeros(b_shape))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self.enabled = True
         # The gate belongs to the site module; keep a reference without registering it here.
         object.__setattr__(self, "_gate", gate)
 
@@ -108,23 +141,80 @@ class _LoRALayer(nn.Module):
     def gate(self) -> SiteGate:
         return self._gate
 
+    # ------------------------------------------------------------------ weights
     def delta(self) -> torch.Tensor:
         """The unscaled, ungated weight delta reshape(B @ A), shaped like the base weight."""
         return (self.lora_B @ self.lora_A).view(self.base.weight.shape)
 
+    def get_delta_weight(self) -> torch.Tensor:
+        """gate * scale * reshape(B @ A): what merging adds to the base weight (float32, its shape)."""
+        factor = self.gate.value().to(self.lora_B.dtype) * self.scale
+        return ((self.lora_B * factor) @ self.lora_A).view(self.base.weight.shape).to(self.base.weight.dtype)
+
     def effective_weight(self) -> torch.Tensor:
-        """W + gate * scale * delta, shaped like the base weight."""
-        gate = self.gate.value().to(self.lora_A.dtype)
-        return self.base.weight + (gate * self.scale) * self.delta().to(self.base.weight.dtype)
+        """W + delta_W, shaped like the base weight (W itself once merged)."""
+        if self.merged:
+            return self.base.weight
+        return self.base.weight + self.get_delta_weight()
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = True) -> None:
+        """Add delta_W to the base weight in place and mark the layer merged.
+
+        With ``safe_merge`` the sum is computed in a copy and checked for NaN/inf
+        first; a non-finite result raises a UserError and leaves the layer unchanged.
+        Merging a merged layer is a no-op.
+        """
+        if self.merged:
+            return
+        delta = self.get_delta_weight()
+        if safe_merge:
+            merged = self.base.weight + delta
+            if not bool(torch.isfinite(merged).all()):
+                raise UserError(f"cannot merge LoRA into {self._describe()}: the merged weight has NaN/inf values "
+                                "(a corrupt adapter or a diverged run)")
+            self.base.weight.copy_(merged)
+        else:
+            self.base.weight.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract delta_W from the base weight again (the inverse of :meth:`merge`, to float32 rounding).
+
+        The factors and gate must be those that were merged. Unmerging an unmerged layer is a no-op.
+        """
+        if not self.merged:
+            return
+        self.base.weight.sub_(self.get_delta_weight())
+        self.merged = False
+
+    # ------------------------------------------------------------------ forward
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # Separate branch: the delta is not rounded to the precision of W (see the module docstring).
+            base = self.base(x)
+            branch = self._apply_weight(x, self.get_delta_weight(), None)
+            return base.float() + branch.float()
+        return self._apply_weight(x, self.effective_weight(), self.base.bias)
+
+    def _describe(self) -> str:
+        return f"{type(self.base).__name__} with weight {tuple(self.base.weight.shape)}"
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, lora_alpha={self.lora_alpha:g}"
+        return f"rank={self.rank}, lora_alpha={self.lora_alpha:g}, merged={self.merged}, enabled={self.enabled}"
 
 
 class LoRAConv2d(_LoRALayer):
     """Gated LoRA around an ``nn.Conv2d``. (N, C_in, H, W) -> (N, C_out, H', W') like the base."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, lora_alpha: float, gate: SiteGate):
+    def __init__(self, base: nn.Conv2d, rank: int, lora_alpha: float, gate: SiteGate,
+                 generator: Optional[torch.Generator] = None):
         kernel_h, kernel_w = base.kernel_size
         in_per_group = base.in_channels // base.groups
         super().__init__(
@@ -134,16 +224,18 @@ class LoRAConv2d(_LoRALayer):
             gate,
             a_shape=(rank * kernel_h, in_per_group * kernel_w),
             b_shape=(base.out_channels * kernel_h, rank * kernel_h),
+            generator=generator,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base._conv_forward(x, self.effective_weight(), self.base.bias)
+    def _apply_weight(self, x, weight, bias):
+        return self.base._conv_forward(x, weight, bias)
 
 
 class LoRALinear(_LoRALayer):
     """Gated LoRA around an ``nn.Linear``. (..., C_in) -> (..., C_out)."""
 
-    def __init__(self, base: nn.Linear, rank: int, lora_alpha: float, gate: SiteGate):
+    def __init__(self, base: nn.Linear, rank: int, lora_alpha: float, gate: SiteGate,
+                 generator: Optional[torch.Generator] = None):
         super().__init__(
             base,
             rank,
@@ -151,10 +243,11 @@ class LoRALinear(_LoRALayer):
             gate,
             a_shape=(rank, base.in_features),
             b_shape=(base.out_features, rank),
+            generator=generator,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.base.bias)
+    def _apply_weight(self, x, weight, bias):
+        return F.linear(x, weight, bias)
 
 
 def inject(
@@ -164,10 +257,13 @@ def inject(
     lora_alpha: float = 16.0,
     gated: bool = True,
     gate_logit: float = 0.0,
+    generator: Optional[torch.Generator] = None,
 ) -> dict[str, SiteGate]:
     """Wrap every layer of ``sites`` in gated LoRA, in place. Returns {site name: gate}.
 
-    The new LoRA parameters are created on the device and dtype of each base weight.
+    The new LoRA parameters live on the device and dtype of each base weight; A is drawn
+    on the CPU from ``generator`` (default: the global CPU generator, i.e. ``torch.manual_seed``),
+    so the same seed gives the same start on any device.
     """
     gates: dict[str, SiteGate] = {}
     for site in sites:
@@ -178,7 +274,7 @@ def inject(
             if isinstance(layer, _LoRALayer):
                 raise ValueError(f"layer {path} already carries LoRA")
             wrapper_type = LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear
-            setattr(parent, child_name, wrapper_type(layer, rank, lora_alpha, gate))
+            setattr(parent, child_name, wrapper_type(layer, rank, lora_alpha, gate, generator=generator))
         # The gate lives on the site module; a root-level layer is its own site and holds it.
         host = _module_at(model, site.name)
         host.register_parameter(GATE_ATTR, gate.logit)
@@ -230,8 +326,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy A/B factors into the injected layers; every injected layer must be present."""
+    """Copy A/B factors into the injected layers; every injected layer must be present and unmerged."""
     for path, layer in lora_layers(model).items():
+        if layer.merged:
+            raise ValueError(f"layer {path} is merged; unmerge before loading other factors")
         for attr in ("lora_A", "lora_B"):
             key = f"{path}.{attr}"
             if key not in state:
@@ -243,8 +341,21 @@ def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def gate_values(model: nn.Module) -> dict[str, float]:
-    """{site name: gate value in (0, 1] as a float}."""
-    return {name: float(gate.value().detach()) for name, gate in site_gates(model).items()}
+    """{site name: gate value in (0, 1] as a float} (one host transfer for all gates)."""
+    gates = site_gates(model)
+    if not gates:
+        return {}
+    return dict(zip(gates, gate_tensor(model).tolist()))
+
+
+def gate_tensor(model: nn.Module) -> torch.Tensor:
+    """Every site's gate value as one detached (S,) float32 tensor on the gates' device, in
+    :func:`site_gates` order. No host sync: stack it per step and read it every N steps."""
+    gates = list(site_gates(model).values())
+    if not gates:
+        return torch.zeros(0)
+    with torch.no_grad():
+        return torch.stack([gate.value().float() for gate in gates])
 
 
 @torch.no_grad()
@@ -263,47 +374,106 @@ def set_gate_values(model: nn.Module, values: Mapping[str, float], trainable: bo
         gate.logit.requires_grad_(trainable and gate.gated)
 
 
+def merge_adapter(model: nn.Module, safe_merge: bool = True) -> nn.Module:
+    """Merge every LoRA layer into its base weight, keeping the wrappers (undo with :func:`unmerge_adapter`).
+
+    With ``safe_merge`` every merged weight is checked for NaN/inf first; on a non-finite
+    one a UserError is raised and the layers merged so far are unmerged again.
+    """
+    done = []
+    try:
+        for layer in lora_layers(model).values():
+            if not layer.merged:
+                layer.merge(safe_merge=safe_merge)
+                done.append(layer)
+    except UserError:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Take every merged LoRA delta out of its base weight again, in place."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def set_enabled(model: nn.Module, enabled: bool, sites: Optional[Iterable[str]] = None) -> nn.Module:
+    """Switch LoRA on or off (all sites, or the sites named) without touching factors or gates.
+
+    A disabled layer runs its base layer alone; a merged layer is unmerged first.
+    """
+    names = None if sites is None else set(sites)
+    gates = site_gates(model)
+    if names is not None and names - set(gates):
+        raise KeyError(f"no LoRA site named {sorted(names - set(gates))[0]!r}")
+    for path, layer in lora_layers(model).items():
+        if names is None or _site_of(gates, layer) in names:
+            if not enabled:
+                layer.unmerge()
+            layer.enabled = enabled
+    return model
+
+
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: nn.Module, safe_merge: bool = True) -> nn.Module:
     """Write every W_eff into its base layer and remove LoRA and gates, in place.
 
     Afterwards the model has exactly the base model's modules and state-dict keys.
+    Raises a UserError (model unchanged) when a merged weight would hold NaN/inf.
     """
-    for path, layer in lora_layers(model).items():
-        layer.base.weight.copy_(layer.effective_weight())
+    merge_adapter(model, safe_merge=safe_merge)
     return strip(model)
 
 
 def strip(model: nn.Module) -> nn.Module:
-    """Remove LoRA wrappers and gates without merging (restores the base model), in place."""
-    for path in list(lora_layers(model)):
-        parent, child_name = _parent_of(model, path)
-        wrapper = getattr(parent, child_name)
-        setattr(parent, child_name, wrapper.base)
+    """Remove LoRA wrappers and gates, in place. Merged layers keep their merged weight;
+    unmerged ones return to the base weight (on an unmerged model: restores the base model)."""
+    return remove_sites(model, list(site_gates(model)), _all=True)
+
+
+def remove_sites(model: nn.Module, names: Iterable[str], _all: bool = False) -> nn.Module:
+    """Unwrap the LoRA layers of the sites ``names`` and delete their gates, in place.
+    A merged layer is unmerged first, so the base weight comes back unchanged."""
+    names = set(names)
+    gates = site_gates(model)
+    unknown = names - set(gates)
+    if unknown:
+        raise KeyError(f"no LoRA site named {sorted(unknown)[0]!r}")
+    for path, layer in list(lora_layers(model).items()):
+        if _all or _site_of(gates, layer) in names:
+            if not _all:
+                layer.unmerge()
+            parent, child_name = _parent_of(model, path)
+            setattr(parent, child_name, layer.base)
     for module in model.modules():
-        if _GATE_HANDLE in module.__dict__:
+        handle = module.__dict__.get(_GATE_HANDLE)
+        if handle is not None and (_all or any(handle is gates[n] for n in names)):
             del module.__dict__[_GATE_HANDLE]
             del module._parameters[GATE_ATTR]
     return model
 
 
 def keep_sites(model: nn.Module, names: list[str]) -> nn.Module:
-    """Keep LoRA on the sites ``names`` only, in place: their factors and gate values stay,
-    the gates become fixed, every other site returns to its base layers (stage B's start)."""
-    layers = lora_layers(model)
-    first = next(iter(layers.values()))
-    state = lora_state_dict(model)
-    gates = {name: value for name, value in gate_values(model).items() if name in names}
-    strip(model)
-    inject(model, by_name(model, names), first.rank, first.lora_alpha)
-    kept = lora_layers(model)
-    load_lora_state_dict(model, {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in kept})
-    set_gate_values(model, gates, trainable=False)
+    """Keep LoRA on the sites ``names`` only, in place (stage B's start): every other site
+    returns to its base layers, the kept layers keep their factors (the same parameter
+    objects) and their gates stay at their current value, fixed."""
+    gates = site_gates(model)
+    missing = [name for name in names if name not in gates]
+    if missing:
+        raise KeyError(f"no LoRA site named {missing[0]!r}")
+    remove_sites(model, [name for name in gates if name not in names])
+    for name in names:
+        gates[name].logit.requires_grad_(False)
     return freeze_base(model)
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict seen through any LoRA wrappers (keys as without LoRA)."""
+    """The base model's state dict seen through any LoRA wrappers (keys as without LoRA).
+
+    On a merged model the weights are the merged ones."""
     wrapper_prefixes = [f"{path}." for path in lora_layers(model)]
     state = {}
     for key, value in model.state_dict().items():
@@ -320,6 +490,13 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters, each shared parameter counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _site_of(gates: Mapping[str, SiteGate], layer: _LoRALayer) -> Optional[str]:
+    for name, gate in gates.items():
+        if layer.gate is gate:
+            return name
+    return None
 
 
 def _module_at(model: nn.Module, path: str) -> nn.Module:

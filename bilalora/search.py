@@ -1,21 +1,34 @@
-"""Bilevel layer positioning (docs/method.md, "Bilevel layer positioning") and its baselines, one step at a time.
+"""Bilevel layer positioning (docs/method.md, "Search") and its baselines, one step at a time.
 
 The upper level tunes the site gates ``a`` on the validation half (loss F), the
-lower level the LoRA factors ``w`` on the train half (loss f). The first-order
-hypergradient with the rank-one Hessian approximation d2f/dw2 ~ g g^T is
+lower level the LoRA factors ``w`` on the train half (loss f). The gate
+gradient is a hypergradient (:mod:`bilalora.hypergradient`, where the
+derivation is): ``OptimConfig.hypergradient`` chooses
 
-    dF/da ~ dF/da|_w - eta * (<v, g> / (||g||^2 + eps)) * df/da,
-    v = dF/dw,  g = df/dw,  eta = the current LoRA learning rate.
+    ift      dF/da|_w - (<v, g> / (|g|^2 + eps)) * df/da        (the paper; default)
+    release  dF/da|_w + eta * (<v, g> / (|g|^2 + eps)) * df/da  (BiLaLoRA_Train.py)
+    direct   dF/da|_w
+
+with v = dF/dw, g = df/dw and eta the LoRA learning rate.
 
 :func:`bilevel_step` evaluates it with two forward/backward passes: one on a
 validation batch (v and dF/da) and one on a train batch whose gradients serve
 both the hypergradient (g, df/da) and the LoRA step (g). The release's
 procedure spends a third pass on a fresh train forward for the LoRA step;
-``passes=3`` reproduces it for timing comparisons.
+``passes=3`` reproduces it.
 
 Baselines: :func:`joint_step` (gates and LoRA on the same train batch with the
 plain gradient) and :func:`train_step` (plain training of whatever is trainable:
 LoRA in stage B and ``manual``, all weights in ``full``).
+
+Precision: autocast (when given) wraps only the backbone's forward; the
+objective runs in float32 on the float32 output.
+
+Host synchronisation: a step never reads a value back. Losses, the gradient
+norm and the skip flag are 0-d device tensors in :class:`StepResult`
+(``as_dict()`` reads them in one transfer); a non-finite loss or gradient skips
+the optimiser update on the device (fused optimisers' ``found_inf``), so the
+parameters and optimiser state stay as they were.
 """
 
 from __future__ import annotations
@@ -29,10 +42,15 @@ import torch
 from torch import nn
 
 from . import lora
+from .hypergradient import VARIANTS as HYPERGRADIENTS
+from .hypergradient import estimate
 
 __all__ = [
     "OptimConfig",
     "StepResult",
+    "GATE_OPTIMIZERS",
+    "HYPERGRADIENTS",
+    "NormalizedGradient",
     "make_lora_optimizer",
     "make_gate_optimizer",
     "hypergradient",
@@ -44,15 +62,26 @@ __all__ = [
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: Gate optimisers: AdamW, plain SGD, and a normalised-gradient step (see :class:`NormalizedGradient`).
+GATE_OPTIMIZERS = ("adam", "sgd", "normalized")
+
 
 @dataclass
 class OptimConfig:
-    """Optimiser settings (the release's defaults, docs/method.md, except the learning rates).
+    """Optimiser settings.
 
     The release's LoRA learning rate (1e-6, constant) leaves the output almost
     unchanged and its gate rate (3e-4) barely separates the gates in a short
-    search; bilalora's defaults (1e-3, 3e-3) were chosen by measurement
-    (benchmarks/adapt_lr.py on real_day; README, "Adapt").
+    search; bilalora's LoRA rate (1e-3) was chosen by measurement
+    (benchmarks/adapt_lr.py on real_day), the gate optimiser, its rate and the
+    hypergradient by the oracle comparison (benchmarks/search_oracle.py; README,
+    "Adapt").
+
+    Attributes:
+        hypergradient: ``ift`` | ``release`` | ``direct`` (see the module docstring).
+        gate_optimizer: ``adam`` (AdamW, ``gate_betas``, ``gate_weight_decay``),
+            ``sgd`` (plain gradient steps) or ``normalized`` (:class:`NormalizedGradient`).
+        gate_lr: the gate optimiser's learning rate.
     """
 
     lr: float = 1e-3
@@ -62,43 +91,103 @@ class OptimConfig:
     gate_lr: float = 3e-3
     gate_betas: tuple[float, float] = (0.5, 0.999)
     gate_weight_decay: float = 1e-3
+    gate_optimizer: str = "adam"
+    hypergradient: str = "ift"
     hyper_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.hypergradient not in HYPERGRADIENTS:
+            raise ValueError(f"hypergradient {self.hypergradient!r}: use one of {', '.join(HYPERGRADIENTS)}")
+        if self.gate_optimizer not in GATE_OPTIMIZERS:
+            raise ValueError(f"gate optimizer {self.gate_optimizer!r}: use one of {', '.join(GATE_OPTIMIZERS)}")
 
 
 @dataclass
 class StepResult:
-    """What one optimisation step measured (floats; ``skipped`` when the loss was not finite)."""
+    """What one optimisation step measured, as 0-d device tensors (no host sync in the step).
 
-    train_loss: float
-    val_loss: Optional[float] = None
-    grad_norm: Optional[float] = None
-    skipped: bool = False
+    Attributes:
+        train_loss: f on the train batch.
+        val_loss: F on the validation batch (bilevel steps).
+        grad_norm: the LoRA (or weight) gradient norm before clipping.
+        skipped: bool tensor, True when a loss or gradient was not finite and the update was skipped.
+        gates: (S,) gate values after the step (search steps), in :func:`lora.site_gates` order.
+    """
+
+    train_loss: torch.Tensor
+    val_loss: Optional[torch.Tensor] = None
+    grad_norm: Optional[torch.Tensor] = None
+    skipped: torch.Tensor | bool = False
+    gates: Optional[torch.Tensor] = None
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
+        """Python floats (``skipped`` a bool, ``gates`` a list), read from the device in one transfer."""
+        names = [k for k in ("train_loss", "val_loss", "grad_norm") if getattr(self, k) is not None]
+        parts = [torch.as_tensor(getattr(self, k)).detach().float().reshape(1).cpu() for k in names]
+        skipped = torch.as_tensor(self.skipped).detach().reshape(1)
+        parts.append(skipped.float().cpu())
+        if self.gates is not None:
+            parts.append(self.gates.detach().float().reshape(-1).cpu())
+        values = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        out = {k: values[i] for i, k in enumerate(names)}
+        out["skipped"] = bool(values[len(names)])
+        if self.gates is not None:
+            out["gates"] = values[len(names) + 1 :]
+        return out
+
+
+class NormalizedGradient(torch.optim.Optimizer):
+    """Normalised-gradient descent: ``p -= lr * grad / (rms(grad over the group) + eps)``.
+
+    Every step moves the group by about ``lr`` per parameter (root mean square), like
+    Adam, but keeps the *relative* size of the gradients: a gate whose gradient is
+    ten times larger moves ten times further (Adam moves each by about lr, whatever
+    its gradient; plain SGD moves by a scale that depends on the objective's units).
+    Honours ``found_inf`` (set by the caller) without a host sync.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, eps: float = 1e-12):
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            count = sum(g.numel() for g in grads)
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            factor = -group["lr"] / (norm / math.sqrt(count) + group["eps"])
+            if found_inf is not None:
+                factor = factor * (1.0 - found_inf.to(factor.dtype))
+            torch._foreach_add_(params, torch._foreach_mul(grads, factor))
+        return None
 
 
 def make_lora_optimizer(params: Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """Adam over the LoRA factors (or all weights in ``full``)."""
-    return torch.optim.Adam(list(params), lr=config.lr, betas=config.betas, eps=config.eps)
+    """Adam over the LoRA factors (or all weights in ``full``); fused where available (device-side skip)."""
+    params = list(params)
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas, eps=config.eps, fused=_fusable(params))
 
 
 def make_gate_optimizer(params: Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the gate logits."""
-    return torch.optim.AdamW(
-        list(params), lr=config.gate_lr, betas=config.gate_betas, weight_decay=config.gate_weight_decay
-    )
+    """The gate optimiser named by ``config.gate_optimizer`` over the gate logits."""
+    params = list(params)
+    if config.gate_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.gate_lr, fused=_fusable(params))
+    if config.gate_optimizer == "normalized":
+        return NormalizedGradient(params, lr=config.gate_lr)
+    return torch.optim.AdamW(params, lr=config.gate_lr, betas=config.gate_betas,
+                             weight_decay=config.gate_weight_decay, fused=_fusable(params))
 
 
 def _loss(model: nn.Module, objective: Objective, batch: torch.Tensor, autocast) -> torch.Tensor:
+    """The objective (float32, 0-d) of ``model(batch)``; autocast around the backbone only."""
     with autocast():
         output = model(batch)
-        loss = objective(output, batch)
-    return loss.float()
-
-
-def _dot(left: Sequence[torch.Tensor], right: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((a.double() * b.double()).sum() for a, b in zip(left, right))
+    return objective(output.float(), batch).float()
 
 
 def hypergradient(
@@ -106,33 +195,33 @@ def hypergradient(
     objective: Objective,
     train_batch: torch.Tensor,
     val_batch: torch.Tensor,
-    eta: float,
+    eta: float = 0.0,
     hyper_eps: float = 1e-8,
     autocast=contextlib.nullcontext,
+    variant: str = "ift",
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """First-order hypergradient of the gates.
+    """The gate hypergradient of ``variant`` (``ift`` | ``release`` | ``direct``).
 
     Args:
         train_batch, val_batch: (N, 3, S, S) in [0, 1].
-        eta: the LoRA learning rate.
+        eta: the LoRA learning rate (used by ``release`` only).
 
     Returns:
-        (dF/da estimate per gate, g = df/dw per LoRA factor, f, F): gradients in
-        the order of :func:`lora.gate_parameters` / :func:`lora.lora_parameters`.
+        (hypergradient per gate (0-d each), g = df/dw per LoRA factor, f, F): in the order of
+        :func:`lora.gate_parameters` / :func:`lora.lora_parameters`; f and F detached 0-d.
     """
     gates = lora.gate_parameters(model)
     weights = lora.lora_parameters(model)
     upper = _loss(model, objective, val_batch, autocast)
     grads = torch.autograd.grad(upper, gates + weights, allow_unused=True)
-    direct = [_zero_if_none(g, p) for g, p in zip(grads[: len(gates)], gates)]
-    v = [_zero_if_none(g, p) for g, p in zip(grads[len(gates) :], weights)]
+    direct = _stack_grads(grads[: len(gates)], gates)
+    v = [_zero_if_none(x, p) for x, p in zip(grads[len(gates):], weights)]
     lower = _loss(model, objective, train_batch, autocast)
     grads = torch.autograd.grad(lower, gates + weights, allow_unused=True)
-    df_da = [_zero_if_none(g, p) for g, p in zip(grads[: len(gates)], gates)]
-    g = [_zero_if_none(gr, p) for gr, p in zip(grads[len(gates) :], weights)]
-    coefficient = _dot(v, g) / (_dot(g, g) + hyper_eps)
-    hyper = [d - eta * coefficient.to(d.dtype) * s for d, s in zip(direct, df_da)]
-    return hyper, g, lower.detach(), upper.detach()
+    df_da = _stack_grads(grads[: len(gates)], gates)
+    g = [_zero_if_none(x, p) for x, p in zip(grads[len(gates):], weights)]
+    hyper = estimate(variant, direct, df_da, v, g, eta=eta, eps=hyper_eps)
+    return list(hyper.unbind(0)), g, lower.detach(), upper.detach()
 
 
 def bilevel_step(
@@ -152,28 +241,24 @@ def bilevel_step(
     ``passes=3`` recomputes it after the gate step (the release's procedure).
     """
     eta = lora_optimizer.param_groups[0]["lr"]
-    hyper, g, lower, upper = hypergradient(
-        model, objective, train_batch, val_batch, eta, config.hyper_eps, autocast
-    )
-    if not (torch.isfinite(lower) and torch.isfinite(upper)):
-        return StepResult(float(lower), float(upper), skipped=True)
+    hyper, g, lower, upper = hypergradient(model, objective, train_batch, val_batch, eta, config.hyper_eps, autocast,
+                                           variant=config.hypergradient)
     gates = lora.gate_parameters(model)
     weights = lora.lora_parameters(model)
-    gate_optimizer.zero_grad(set_to_none=True)
-    for param, grad in zip(gates, hyper):
-        param.grad = grad.detach()
-    gate_optimizer.step()
+    _set_grads(weights, g)
+    norm = _clip(weights, config.clip_norm)
+    found_inf = _nonfinite(lower, upper, norm, torch.stack(hyper).sum())
+    _set_grads(gates, hyper)
+    _guarded_step(gate_optimizer, found_inf)
     if passes == 3:
         lower = _loss(model, objective, train_batch, autocast)
-        g = list(torch.autograd.grad(lower, weights, allow_unused=True))
-        g = [_zero_if_none(gr, p) for gr, p in zip(g, weights)]
+        g = torch.autograd.grad(lower, weights, allow_unused=True)
         lower = lower.detach()
-    lora_optimizer.zero_grad(set_to_none=True)
-    for param, grad in zip(weights, g):
-        param.grad = grad.detach()
-    norm = _clip(weights, config.clip_norm)
-    lora_optimizer.step()
-    return StepResult(float(lower), float(upper), norm)
+        _set_grads(weights, [_zero_if_none(x, p) for x, p in zip(g, weights)])
+        norm = _clip(weights, config.clip_norm)
+        found_inf = torch.maximum(found_inf, _nonfinite(lower, norm))
+    _guarded_step(lora_optimizer, found_inf)
+    return StepResult(lower, upper, norm, found_inf > 0, lora.gate_tensor(model))
 
 
 def joint_step(
@@ -189,13 +274,14 @@ def joint_step(
     lora_optimizer.zero_grad(set_to_none=True)
     gate_optimizer.zero_grad(set_to_none=True)
     loss = _loss(model, objective, train_batch, autocast)
-    if not torch.isfinite(loss):
-        return StepResult(float(loss), skipped=True)
     loss.backward()
+    gates = lora.gate_parameters(model)
     norm = _clip(lora.lora_parameters(model), config.clip_norm)
-    gate_optimizer.step()
-    lora_optimizer.step()
-    return StepResult(float(loss.detach()), grad_norm=norm)
+    gate_grads = [p.grad for p in gates if p.grad is not None]
+    found_inf = _nonfinite(loss.detach(), norm, *([torch.stack(gate_grads).sum()] if gate_grads else []))
+    _guarded_step(gate_optimizer, found_inf)
+    _guarded_step(lora_optimizer, found_inf)
+    return StepResult(loss.detach(), grad_norm=norm, skipped=found_inf > 0, gates=lora.gate_tensor(model))
 
 
 def train_step(
@@ -209,13 +295,12 @@ def train_step(
     """Plain training step over the optimiser's parameters (stage B, ``manual``, ``full``)."""
     optimizer.zero_grad(set_to_none=True)
     loss = _loss(model, objective, train_batch, autocast)
-    if not torch.isfinite(loss):
-        return StepResult(float(loss), skipped=True)
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = _clip(params, config.clip_norm)
-    optimizer.step()
-    return StepResult(float(loss.detach()), grad_norm=norm)
+    found_inf = _nonfinite(loss.detach(), norm)
+    _guarded_step(optimizer, found_inf)
+    return StepResult(loss.detach(), grad_norm=norm, skipped=found_inf > 0)
 
 
 def rank_sites(model: nn.Module) -> list[tuple[str, float]]:
@@ -224,12 +309,51 @@ def rank_sites(model: nn.Module) -> list[tuple[str, float]]:
     return sorted(values.items(), key=lambda item: -item[1])
 
 
-def _clip(params: Sequence[torch.Tensor], max_norm: float) -> float:
+def _fusable(params: Sequence[torch.Tensor]) -> bool:
+    """Whether a fused optimiser (device-side ``found_inf`` skip) supports these parameters."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) \
+        and len({(p.device, p.dtype) for p in params}) == 1
+
+
+def _guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``found_inf`` (a 0-d float tensor, 1 = skip) is set.
+
+    Fused optimisers and :class:`NormalizedGradient` skip on the device; any other
+    optimiser needs one host read of the flag.
+    """
+    if optimizer.defaults.get("fused") or isinstance(optimizer, NormalizedGradient):
+        optimizer.found_inf = found_inf.to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(found_inf):
+        optimizer.step()
+
+
+def _nonfinite(*values: torch.Tensor) -> torch.Tensor:
+    """1.0 when any of the 0-d ``values`` is NaN/inf, else 0.0 (a 0-d float32 device tensor)."""
+    stacked = torch.stack([v.detach().float() for v in values])
+    return (~torch.isfinite(stacked).all()).float()
+
+
+def _set_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    for param, grad in zip(params, grads):
+        param.grad = grad.detach()
+
+
+def _clip(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' total norm to ``max_norm`` (<= 0: no clipping); the norm before, 0-d, no sync."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    return float(norm)
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+
+
+def _stack_grads(grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(0)
+    return torch.stack([_zero_if_none(x, p) for x, p in zip(grads, params)])
 
 
 def _zero_if_none(grad: Optional[torch.Tensor], param: torch.Tensor) -> torch.Tensor:

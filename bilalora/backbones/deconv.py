@@ -41,11 +41,14 @@ class _AngularDifference(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim, 3, padding=1, bias=True)
         self.theta = theta
+        # A device buffer (moved by .to(), not in the state dict): indexing with a Python list would
+        # copy the index to the device, a blocking host transfer, on every call.
+        self.register_buffer("shift_index", torch.tensor(_ANGULAR_SHIFT, dtype=torch.long), persistent=False)
 
     def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.conv.weight
         flat = weight.flatten(2)
-        flat = flat - self.theta * flat[:, :, _ANGULAR_SHIFT]
+        flat = flat - self.theta * flat.index_select(2, self.shift_index)
         return flat.view_as(weight), self.conv.bias
 
 
