@@ -101,11 +101,16 @@ def latest_adapter_run(root: Path | str | None = None) -> Path | None:
 
 
 def latest_resumable_run(root: Path | str | None = None) -> Path | None:
-    """The run folder under ``root`` whose checkpoint was written last, or None."""
+    """The interrupted run under ``root`` (a checkpoint, no adapter or weights yet) written last, or None.
+
+    A finished run keeps its checkpoint too (``--resume --steps N`` naming it
+    continues it), but a bare ``--resume`` means the run that did not finish.
+    """
     root = adapt_root(root)
     if not root.is_dir():
         return None
-    runs = [p for p in root.iterdir() if checkpoint_path(p).is_file()]
+    runs = [p for p in root.iterdir() if checkpoint_path(p).is_file()
+            and not (p / ADAPTER_NAME).is_file() and not (p / FULL_NAME).is_file()]
     if not runs:
         return None
     return max(runs, key=lambda p: (checkpoint_path(p).stat().st_mtime_ns, p.name))

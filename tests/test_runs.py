@@ -52,6 +52,9 @@ def test_choose_run_dir_refuses_an_earlier_run(tmp_path):
         (folder / CHECKPOINT_NAME).write_bytes(b"x")
         os.utime(folder / CHECKPOINT_NAME, (stamp, stamp))
     assert latest_resumable_run(root) == newer
+    (newer / ADAPTER_NAME).write_bytes(b"finished")  # a finished run is not what a bare --resume means
+    assert latest_resumable_run(root) == older
+    (newer / ADAPTER_NAME).unlink()
     assert choose_run_dir(None, None, resume=True, root=root) == newer
     assert choose_run_dir(None, "a", resume=True, root=root) == older
     assert choose_run_dir(None, "a", resume=False, root=root).name == "a2"  # a name is numbered, never reused

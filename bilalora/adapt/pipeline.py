@@ -237,8 +237,12 @@ def _start_state(model, config: AdaptConfig, device: str, base_fingerprint: str,
     stage_index = min(record["stage_index"], len(schedule.stages) - 1)
     state.restore(record, schedule.stages[stage_index][0])
     truncate_log(log_path, state.global_step)
-    where = schedule.stages[stage_index][0] if state.stage_index < len(schedule.stages) else "the end"
-    say(f"resuming {run_dir} in {where}, step {state.stage_step} of the stage (global step {state.global_step})")
+    if state.stage_index >= len(schedule.stages):
+        say(f"resuming {run_dir}: its {state.global_step} steps are done (raise --steps to continue training); "
+            "measuring and writing its records again")
+    else:
+        say(f"resuming {run_dir} in {schedule.stages[stage_index][0]}, step {state.stage_step} of the stage "
+            f"(global step {state.global_step})")
     return state
 
 
@@ -292,6 +296,7 @@ def _finish(state: AdaptState, base: nn.Module, schedule: Schedule, data: _Data,
         "method": config.method,
         "backbone": info.get("name"),
         "weights": info.get("weights"),
+        "input_norm": info.get("input_norm"),  # what the base expects (docs/weights.md); export/bench reload it
         "base_fingerprint": state.base_fingerprint,
         "artefact": str(artefact),
         "device": device,
