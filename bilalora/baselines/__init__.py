@@ -2,10 +2,23 @@
 
 * :func:`dehaze_dcp` / :class:`DCP`: dark channel prior with guided-filter
   refinement (He et al. 2009/2010).
+* :func:`stretch_channels` / :func:`stretch_grey`: per-channel and global grey
+  1-99 % percentile contrast stretches (auto levels), the trivial post-processes
+  a dehazer is compared with (:data:`STRETCHES` names them).
 """
 
 from __future__ import annotations
 
 from .dcp import DCP, DCPResult, dcp_estimate, dehaze_dcp, guided_filter
+from .stretch import STRETCHES, stretch_channels, stretch_grey
 
-__all__ = ["DCP", "DCPResult", "dcp_estimate", "dehaze_dcp", "guided_filter"]
+__all__ = [
+    "DCP",
+    "STRETCHES",
+    "DCPResult",
+    "dcp_estimate",
+    "dehaze_dcp",
+    "guided_filter",
+    "stretch_channels",
+    "stretch_grey",
+]

@@ -1,76 +1,98 @@
-"""Contrast stretch (auto-levels): the trivial post-process a dehazing network must beat. numpy only.
+"""Contrast stretches: the trivial post-processes every dehazing result must be compared with.
 
-Haze lifts the black level and compresses contrast; mapping an image's low and
-high percentiles to 0 and 255 undoes much of that without any model. Two forms:
+Haze lifts the black level and compresses the range of a photo; "auto levels"
+undoes much of that without any model. Two variants, both numpy only:
 
-* :func:`stretch_channels`: each channel's own ``low``-``high`` percentiles
-  (per-channel auto-levels; also corrects a colour cast of the airlight);
-* :func:`stretch_global`: one pair of percentiles of the grey level (Rec. 601
-  luma) applied to all channels (contrast only, colour balance kept).
+* :func:`stretch_channels` -- per-channel percentile stretch: each of R, G, B is mapped
+  affinely so that its ``low`` percentile goes to 0 and its ``high`` percentile to 1
+  (default 1 % and 99 %), then clipped. It also removes a colour cast, since each channel
+  is stretched on its own (like Photoshop's per-channel auto levels).
+* :func:`stretch_grey` -- global grey stretch: one affine map, from the percentiles of the
+  luma ``Y = 0.299 R + 0.587 G + 0.114 B``, applied to all three channels; it keeps the
+  colour balance of the input (hue ratios are unchanged up to clipping).
+
+Both take an RGB image ``(H, W, 3)``, ``uint8`` (0..255) or float in ``[0, 1]``, and return
+``float32`` ``(H, W, 3)`` in ``[0, 1]``. A channel (or luma) whose percentile range is below
+``1/255`` is left as it is (a flat image has no contrast to stretch; dividing by a tiny range
+would only amplify noise). :data:`STRETCHES` names them for benchmark rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-__all__ = ["stretch_channels", "stretch_global"]
+from ..errors import UserError
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+__all__ = ["MIN_RANGE", "STRETCHES", "stretch_channels", "stretch_grey"]
 
+#: Percentile ranges below this (one 8-bit level) are not stretched.
+MIN_RANGE = 1.0 / 255.0
 
-def _as_float(image: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(H, W, 3) uint8 or float in [0, 1] -> float64 in [0, 1], and whether the input was uint8."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float64) / 255.0, True
-    return image.astype(np.float64), False
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _back(image: np.ndarray, was_uint8: bool) -> np.ndarray:
-    image = np.clip(image, 0.0, 1.0)
-    return (image * 255.0 + 0.5).astype(np.uint8) if was_uint8 else image.astype(np.float32)
+def _as_rgb01(image: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise UserError(f"contrast stretch: expected an HxWx3 RGB image, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserError(f"contrast stretch: expected uint8 or float in [0, 1], got {arr.dtype}")
+    return np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0)
 
 
-def _check(low: float, high: float) -> None:
+def _check_percentiles(low: float, high: float) -> None:
     if not 0.0 <= low < high <= 100.0:
-        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}")
+        raise UserError(f"contrast stretch: need 0 <= low < high <= 100 percentiles, got {low} and {high}")
+
+
+def _affine(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi - lo < MIN_RANGE:
+        return values
+    return (values - np.float32(lo)) / np.float32(hi - lo)
 
 
 def stretch_channels(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """Map each channel's ``low``/``high`` percentiles to 0/1 (clipped).
+    """Per-channel percentile stretch (auto levels): channel c -> (c - P_low(c)) / (P_high(c) - P_low(c)).
 
     Args:
-        image: (H, W, 3) RGB, uint8 or float in [0, 1].
-        low, high: percentiles (0-100) mapped to black and white.
+        image: RGB ``(H, W, 3)``, ``uint8`` or float in [0, 1].
+        low, high: the percentiles mapped to 0 and 1 (0 <= low < high <= 100).
 
     Returns:
-        the stretched image, same shape; uint8 for uint8 input, else float32 in [0, 1].
-        A channel whose two percentiles coincide (flat) is left unchanged.
+        ``float32`` ``(H, W, 3)`` in [0, 1].
     """
-    _check(low, high)
-    x, was_uint8 = _as_float(image)
-    lo, hi = np.percentile(x.reshape(-1, 3), [low, high], axis=0)
-    span = hi - lo
-    flat = span <= 1e-6
-    out = np.where(flat, x, (x - lo) / np.where(flat, 1.0, span))
-    return _back(out, was_uint8)
+    _check_percentiles(low, high)
+    rgb = _as_rgb01(image)
+    flat = rgb.reshape(-1, 3)
+    lo, hi = np.percentile(flat, [low, high], axis=0)
+    out = np.stack([_affine(rgb[..., c], float(lo[c]), float(hi[c])) for c in range(3)], axis=-1)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
-def stretch_global(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """Map the grey level's ``low``/``high`` percentiles to 0/1 on all channels alike (clipped).
+def stretch_grey(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Global grey stretch: every channel -> (c - P_low(Y)) / (P_high(Y) - P_low(Y)), Y the luma.
 
     Args:
-        image: (H, W, 3) RGB, uint8 or float in [0, 1].
-        low, high: percentiles (0-100) of the luma ``0.299 R + 0.587 G + 0.114 B``.
+        image: RGB ``(H, W, 3)``, ``uint8`` or float in [0, 1].
+        low, high: the luma percentiles mapped to 0 and 1 (0 <= low < high <= 100).
 
     Returns:
-        the stretched image, same shape and type rules as :func:`stretch_channels`; a flat image is unchanged.
+        ``float32`` ``(H, W, 3)`` in [0, 1].
     """
-    _check(low, high)
-    x, was_uint8 = _as_float(image)
-    lo, hi = np.percentile(x @ _LUMA, [low, high])
-    if hi - lo <= 1e-6:
-        return _back(x, was_uint8)
-    return _back((x - lo) / (hi - lo), was_uint8)
+    _check_percentiles(low, high)
+    rgb = _as_rgb01(image)
+    luma = rgb @ _LUMA
+    lo, hi = np.percentile(luma, [low, high])
+    out = _affine(rgb, float(lo), float(hi))
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+#: Benchmark-row name -> stretch (default 1-99 % percentiles).
+STRETCHES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "stretch": stretch_channels,
+    "stretch-grey": stretch_grey,
+}
