@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bilalora.baselines import STRETCHES, stretch_channels, stretch_grey
+from bilalora.baselines import STRETCHES, stretch_channels, stretch_global
 from bilalora.errors import UserError
 
 
@@ -34,14 +34,14 @@ def test_per_channel_stretch_maps_the_percentiles_to_0_and_1():
 def test_per_channel_stretch_removes_a_cast_but_grey_keeps_it():
     image = _hazy()
     channels = stretch_channels(image).reshape(-1, 3).mean(0)
-    grey = stretch_grey(image).reshape(-1, 3).mean(0)
+    grey = stretch_global(image).reshape(-1, 3).mean(0)
     assert np.ptp(channels) < 0.03  # the three channel means end up close together
     assert grey[0] > grey[1] > grey[2]  # the warm cast (R > G > B) survives the grey stretch
 
 
 def test_grey_stretch_is_one_affine_map_for_all_channels():
     image = _hazy(1)
-    out = stretch_grey(image)
+    out = stretch_global(image)
     luma = image @ np.array([0.299, 0.587, 0.114], np.float32)
     lo, hi = np.percentile(luma, [1, 99])
     expected = np.clip((image - lo) / (hi - lo), 0, 1)
@@ -53,7 +53,7 @@ def test_uint8_and_float_inputs_agree_and_flat_images_stay():
     as_u8 = np.round(image * 255).astype(np.uint8)
     np.testing.assert_allclose(stretch_channels(as_u8), stretch_channels(as_u8.astype(np.float32) / 255), atol=1e-6)
     flat = np.full((8, 8, 3), 0.6, np.float32)
-    assert np.array_equal(stretch_channels(flat), flat) and np.array_equal(stretch_grey(flat), flat)
+    assert np.array_equal(stretch_channels(flat), flat) and np.array_equal(stretch_global(flat), flat)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4)), np.zeros((4, 4, 4)), np.zeros((0, 4, 3)), np.zeros((4, 4, 3), np.int32)])
@@ -64,11 +64,11 @@ def test_bad_images_are_user_errors(bad):
 
 def test_bad_percentiles():
     with pytest.raises(UserError, match="percentiles"):
-        stretch_grey(_hazy(), low=60, high=40)
+        stretch_global(_hazy(), low=60, high=40)
 
 
 def test_named_for_bench_rows_and_torch_free():
-    assert STRETCHES == {"stretch": stretch_channels, "stretch-grey": stretch_grey}
+    assert STRETCHES == {"stretch": stretch_channels, "stretch-global": stretch_global}
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np; from bilalora.baselines import stretch_channels\n"

@@ -7,7 +7,7 @@ undoes much of that without any model. Two variants, both numpy only:
   affinely so that its ``low`` percentile goes to 0 and its ``high`` percentile to 1
   (default 1 % and 99 %), then clipped. It also removes a colour cast, since each channel
   is stretched on its own (like Photoshop's per-channel auto levels).
-* :func:`stretch_grey` -- global grey stretch: one affine map, from the percentiles of the
+* :func:`stretch_global` -- global grey stretch: one affine map, from the percentiles of the
   luma ``Y = 0.299 R + 0.587 G + 0.114 B``, applied to all three channels; it keeps the
   colour balance of the input (hue ratios are unchanged up to clipping).
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["MIN_RANGE", "STRETCHES", "stretch_channels", "stretch_grey"]
+__all__ = ["MIN_RANGE", "STRETCHES", "stretch_channels", "stretch_global"]
 
 #: Percentile ranges below this (one 8-bit level) are not stretched.
 MIN_RANGE = 1.0 / 255.0
@@ -73,7 +73,7 @@ def stretch_channels(image: np.ndarray, low: float = 1.0, high: float = 99.0) ->
     return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
-def stretch_grey(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+def stretch_global(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
     """Global grey stretch: every channel -> (c - P_low(Y)) / (P_high(Y) - P_low(Y)), Y the luma.
 
     Args:
@@ -94,5 +94,5 @@ def stretch_grey(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.
 #: Benchmark-row name -> stretch (default 1-99 % percentiles).
 STRETCHES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "stretch": stretch_channels,
-    "stretch-grey": stretch_grey,
+    "stretch-global": stretch_global,
 }
