@@ -96,7 +96,9 @@ def openvino_parity(
     except Exception as exc:  # noqa: BLE001 - any runtime failure stops the export with one line
         raise ParityError(f"OpenVINO could not run {xml_path.name}: {_first_line(exc)}") from None
     gate = gate_for("openvino", used)
-    return evaluate(xml_path.name, used, cases, outputs, references, gate, "PyTorch fp32")
+    result = evaluate(xml_path.name, used, cases, outputs, references, gate, f"PyTorch fp32 (OpenVINO CPU in {used})")
+    result.details["inference_precision"] = used
+    return result
 
 
 def _first_line(exc: BaseException) -> str:

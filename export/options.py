@@ -24,6 +24,8 @@ class ExportOptions:
         base: export the unadapted backbone.
         backbone, weights: override the base network (registry name or pkg.mod:factory; a weights file).
         random_weights: allow a backbone without weights (no shipped file, no ``weights``): random init.
+        input_norm: what input the base weights expect (None: what the weights record, else [0, 1];
+            "clip", "none" or "MEAN,STD"); folded into the graph, which always takes [0, 1] RGB.
         out: output folder (default: :func:`bilalora.sources.default_out_dir`).
         merge: merge the adapter into the weights (False: gated LoRA graph).
         trt: build a TensorRT engine.

@@ -232,6 +232,7 @@ class ParityResult:
         reference: what the outputs were compared with.
         gate: {"max_abs": x} or {"psnr_db": y}.
         cases: per case {input, shape, max_abs, mean_abs, psnr_db, passed}.
+        details: further fields of the record (OpenVINO: {"inference_precision": "bf16"}).
     """
 
     artefact: str
@@ -239,6 +240,7 @@ class ParityResult:
     reference: str
     gate: dict[str, float]
     cases: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -266,6 +268,7 @@ class ParityResult:
             "mean_abs": self.mean_abs,
             "psnr_db": self.psnr_db,
             "cases": [dict(case) for case in self.cases],
+            **self.details,
         }
 
     def summary(self) -> str:

@@ -322,7 +322,7 @@ def _onnx_step(state, events, model, key, fixed, fold, meta, cases, references) 
 
 
 def _int8_step(state: ExportState, events: Events, model) -> None:
-    from .int8 import calibration_split, quantize_int8
+    from .int8 import calibration_crops, calibration_split, quantize_int8
     from .onnx_export import ExportWrapper
     from .parity import image_cases, reference_outputs
 
@@ -330,14 +330,15 @@ def _int8_step(state: ExportState, events: Events, model) -> None:
     fixed = None if state.profile.dynamic else (state.profile.min[0], state.profile.min[2], state.profile.min[3])
     calib, held, origin = calibration_split(options.calib, state.source.run, options.calib_images, options.images)
     events.step(f"ONNX INT8: calibrating on {origin} ...")
-    calib_cases = image_cases(calib, count=len(calib), fixed=fixed)
+    calib_cases = calibration_crops(calib, fixed=fixed)
+    check_calib = image_cases(calib, count=min(4, len(calib)), fixed=fixed)
     held_cases = image_cases(held, count=len(held), fixed=fixed) if held else []
     if not held_cases:
         state.warnings.append("INT8 gate: no held-out images (no run split, --images, or spare --calib images)")
         events.warn(state.warnings[-1])
     for case in held_cases:
         case.label = f"held-out {case.label}"
-    check = calib_cases[:4] + held_cases
+    check = check_calib + held_cases
     state.real_cases = check
     tick = time.perf_counter()
     references = reference_outputs(ExportWrapper(model).eval(), check)
@@ -355,10 +356,11 @@ def _int8_step(state: ExportState, events: Events, model) -> None:
     artefact.parameters = onnx_parameter_count(path)
     artefact.extra = {
         "kept_float": list(result.kept_float),
-        "excluded_nodes": result.excluded_nodes,
+        "float_nodes": result.float_nodes,
         "attempts": result.attempts,
         "calibration": {"origin": origin, "images": [p.name for p in calib], "held_out": [p.name for p in held]},
-        "scheme": "QDQ, int8 symmetric per-channel weights, int8 symmetric activations, MinMax",
+        "scheme": "QDQ on Conv/ConvTranspose: int8 symmetric per-channel weights, int8 symmetric activations "
+        "(99.999th percentile ranges)",
     }
     state.timed("int8", result.seconds)
     state.artefacts.append(artefact)
@@ -378,7 +380,7 @@ def _openvino_step(state: ExportState, events: Events, cases: list[Case], refere
     state.artefacts.append(artefact)
     tick = time.perf_counter()
     artefact.parity = openvino_parity(path, cases, references)
-    artefact.extra = {"inference_precision": artefact.parity.precision, "weights": "fp16"}
+    artefact.extra = {"weights": "fp16"}
     state.timed("parity", time.perf_counter() - tick)
     _gate(state, artefact)
     events.artefact(artefact)

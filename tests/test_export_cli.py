@@ -196,3 +196,27 @@ def test_wrong_base_weights_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "fingerprint" in result.output and "--weights" in result.output
     assert not (tmp_path / "runs" / "adapt" / "exp" / "export" / "model.onnx").exists()
+
+
+def test_refit_onnx_swaps_another_adapter_in(tmp_path, monkeypatch):
+    """export --refit, then --refit-onnx DIR --adapter B: one line per swapped file, a consistent new folder."""
+    from bilalora.runtime import model_json as sidecar
+    from test_export_formats import _adapter_on
+
+    monkeypatch.chdir(tmp_path)
+    base, adapter_a = make_adapter_run(tmp_path / "runs" / "adapt" / "exp")
+    _adapter_on(base, seed=9).save(tmp_path / "b.safetensors")
+    first = _invoke("--adapter", str(adapter_a), "--refit", "--out", "a")
+    assert first.exit_code == 0, first.output
+    assert "ONNX initializers carry state-dict names" in first.output
+    result = _invoke("--refit-onnx", "a", "--adapter", "b.safetensors", "--out", "b")
+    assert result.exit_code == 0, result.output
+    assert "model.onnx: " in result.output and "weights swapped in OK" in result.output
+    record = sidecar.load_record(tmp_path / "b", required=True)
+    for name in record["artefacts"]:
+        sidecar.resolve_artefact(tmp_path / "b", record, name)  # confined and sha256-verified
+    assert record["adapter"]["sha256"] == sidecar.sha256_of(tmp_path / "b.safetensors")
+    missing = _invoke("--refit-onnx", "a")
+    assert missing.exit_code == 2 and "need --adapter FILE" in missing.output and "Traceback" not in missing.output
+    plain = _invoke("--refit-engine", "a/model.engine", "--adapter", "b.safetensors")
+    assert plain.exit_code == 2 and "no such engine file" in plain.output

@@ -224,7 +224,7 @@ def test_openvino_ir_matches_pytorch(formats_export):
     record = _consistent(out)
     entry = record["artefacts"]["model.xml"]
     assert entry["format"] == "openvino" and entry["bin"]["path"] == "model.bin" and entry["parity"]["passed"]
-    assert entry["inference_precision"] in ("bf16", "f32") and entry["parity"]["psnr_db"] >= 40.0
+    assert entry["parity"]["inference_precision"] in ("bf16", "f32") and entry["parity"]["psnr_db"] >= 40.0
     # independently of the gate: run the IR in OpenVINO (default CPU precision) against PyTorch fp32
     compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU")
     x = random_cases([(68, 92)], [1], seed=11)[0].array
@@ -240,7 +240,8 @@ def test_int8_qdq_matches_pytorch_on_held_out_images(formats_export):
     assert entry["precision"] == "int8" and entry["parity"]["passed"] and entry["parity"]["gate"] == {"psnr_db": 35.0}
     assert entry["calibration"]["images"] == [f"hazy_0{i}.png" for i in range(4)]
     assert entry["calibration"]["held_out"] == ["hazy_04.png", "hazy_05.png"]
-    assert isinstance(entry["kept_float"], list) and entry["attempts"][-1]["passed"]
+    assert isinstance(entry["kept_float"], list) and isinstance(entry["float_nodes"], list)
+    assert entry["attempts"][-1]["passed"]
     graph = onnx.load(str(result.out_dir / "model_int8.onnx")).graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -307,3 +308,27 @@ def test_refit_needs_a_refit_export(tmp_path):
     run_export(ExportOptions(adapter=path_a, out=tmp_path / "plain", parity_sizes=((32, 32),), slim=False))
     with pytest.raises(UserError, match="not exported with --refit"):
         refit_export(tmp_path / "plain", path_a)
+
+
+# --------------------------------------------------------------------------- input normalisation
+
+
+def test_input_norm_is_folded_into_the_graph_and_recorded(tmp_path):
+    """Weights expecting CLIP-normalised input: the graph takes [0, 1] and equals the network fed as the release feeds it."""
+    from bilalora.backbones.normalize import CLIP_MEAN, CLIP_STD
+
+    plain, weights = _weights_file(tmp_path)
+    result = run_export(ExportOptions(base=True, backbone="dea-net-t", weights=str(weights), input_norm="clip",
+                                      out=tmp_path / "export", parity_sizes=((64, 96),), slim=False))  # fmt: skip
+    norm = result.record["input_norm"]
+    assert norm["mean"] == pytest.approx(CLIP_MEAN) and norm["std"] == pytest.approx(CLIP_STD)
+    assert json.loads(onnx.load(str(tmp_path / "export" / "model.onnx")).metadata_props[0].value)["input_norm"] == norm
+    x = random_cases([(68, 92)], [1], seed=2)[0].array
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(CLIP_STD, dtype=np.float32).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        release = ExportWrapper(plain).eval()(torch.from_numpy((x - mean) / std)).numpy()
+    graph = ort_session(tmp_path / "export" / "model.onnx", 1).run(["output"], {"input": x})[0]
+    assert np.abs(graph - release).max() <= 1e-4
+    with torch.no_grad():  # and the fold matters: the network fed [0, 1] directly is far off
+        assert np.abs(ExportWrapper(plain).eval()(torch.from_numpy(x)).numpy() - graph).max() > 1e-3
