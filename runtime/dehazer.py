@@ -90,7 +90,10 @@ class Dehazer:
             raise UserError(f"--color {color}: use bgr or rgb")
         self.notes: list[str] = []
         self.on_note = on_note
-        candidates, record = resolve_model(model, prefer, precision, verify, list(providers or []), self.notes)
+        passed_over: list[str] = []
+        candidates, record = resolve_model(model, prefer, precision, verify, list(providers or []), passed_over)
+        for line in passed_over:
+            self._note(line)
         self.model = Path(model)
         self.record = record
         self.color = color
@@ -104,17 +107,17 @@ class Dehazer:
         # DEA-Net's 7x7 reflect conv at 1/4 resolution needs at least 16 px: windows smaller
         # than four pad multiples are edge-padded up to it (and cropped back)
         self.min_side = 4 * self.pad_multiple
+        if tile is not None and tile < 2 * self.pad_multiple:
+            raise UserError(f"--tile {tile}: use at least {2 * self.pad_multiple} pixels")
+        if int(overlap) < 0:
+            raise UserError(f"--overlap {overlap}: must be 0 or more")
+        self.tile = tile
+        self.overlap = int(overlap)
+        self.last_ms = 0.0
+        self.frames = 0
         self.candidates = list(candidates)
         self._remaining = list(candidates)
         self.backend: Backend = self._open_next()
-        if tile is not None and tile < 2 * self.pad_multiple:
-            raise UserError(f"--tile {tile}: use at least {2 * self.pad_multiple} pixels")
-        self.tile = tile
-        self.overlap = int(overlap)
-        if self.overlap < 0:
-            raise UserError(f"--overlap {overlap}: must be 0 or more")
-        self.last_ms = 0.0
-        self.frames = 0
 
     # ------------------------------------------------------------------ backends
 
