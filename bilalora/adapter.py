@@ -194,11 +194,16 @@ class Adapter:
         if expected is not None and tensor_checksum(tensors) != expected:
             raise UserError(f"{where}: tensor checksum does not match its metadata; the file is damaged or was edited")
         _check_tensors(tensors, meta["rank"], where)
+        owned: set[str] = set()
         for name, entry in zip(sites, meta["sites"]):
             layers = entry.get("layers")
             present = {key.rsplit(".", 1)[0] for key in tensors if _in_site(key.rsplit(".", 1)[0], name)}
             if not present or (isinstance(layers, list) and set(layers) != present):
                 raise UserError(f"{where}: site '{name}' lists layers {layers} but the file holds {sorted(present)}")
+            owned |= present
+        stray = sorted({key.rsplit(".", 1)[0] for key in tensors} - owned)
+        if stray:
+            raise UserError(f"{where}: tensors of layers outside its sites: {', '.join(stray[:4])}")
         known = {"format_version", "backbone", "base_fingerprint", "rank", "lora_alpha", "sites", "input_norm",
                  "checksum"}
         return cls(

@@ -127,7 +127,7 @@ def import_release(
         gate_keys[site.name] = logits[0].rsplit(".", 1)[0]
         if logit.numel() != 1 or not bool(torch.isfinite(logit).all()):
             raise UserError(f"{where}: gate '{logits[0]}' must be one finite number, got shape {tuple(logit.shape)}")
-        gates[site.name] = 1.0 / (1.0 + math.exp(-float(logit.reshape(-1)[0].double())))
+        gates[site.name] = float(torch.sigmoid(logit.reshape(-1)[0].double()))
     unused = sorted(set(state) - used)
     if unused:
         shown = ", ".join(unused[:4]) + (f", ... +{len(unused) - 4} more" if len(unused) > 4 else "")

@@ -190,6 +190,7 @@ def test_large_delta_against_base_is_refused(tmp_path, tiny_dea):
         (_json_edit(format_version=9), "format 9"),
         (_json_edit(checksum=_DELETE), "no 'checksum'"),
         (_json_edit(input_norm={"mean": [0.5]}), "input_norm"),
+        (lambda raw: json.dumps({**json.loads(raw), "sites": json.loads(raw)["sites"][:2]}), "outside its sites"),
     ],
 )
 def test_malformed_metadata_is_one_line(tmp_path, tiny_dea, edit, message):

@@ -104,6 +104,14 @@ def test_round_trip(release_files, tmp_path, config_key):
     assert again.sites == pytest.approx(adapter.sites) and again.base_fingerprint == adapter.base_fingerprint
 
 
+def test_extreme_gate_logits(release_files):
+    weights, release, _, _ = release_files
+    _edit_release(release, lambda d: (d["lora_state_dict"]["level3_block2.conv1.alpha"].fill_(-1000.0),
+                                      d["lora_state_dict"]["level3_block7.conv1.alpha"].fill_(1000.0)))
+    adapter = import_release(release, backbones.load("dea-net-t", weights=weights, input_norm="clip"))
+    assert adapter.sites["level3_block2"] == 0.0 and adapter.sites["level3_block7"] == 1.0
+
+
 def test_ungated_sites_export_a_saturated_logit(release_files, tmp_path):
     weights, release, _, _ = release_files
     adapter = import_release(release, backbones.load("dea-net-t", weights=weights, input_norm="clip"))
