@@ -11,7 +11,9 @@ is tried):
 
 * ``engine`` (TensorRT), with ``prefer`` auto or engine, when its precision fits ``precision``;
 * OpenVINO ``model.xml`` in bf16, for ``auto`` and ``bf16``, only on CPUs with bf16 units
-  (AMX or AVX512-BF16): in fp32, onnxruntime is as fast on the CPUs measured;
+  (AMX or AVX512-BF16): in fp32, onnxruntime is as fast on the CPUs measured. ``auto`` takes
+  it only when its parity gate ran in bf16 (model.json ``inference_precision``; an export
+  made on a CPU without bf16 gated f32), ``bf16`` takes it with a note;
 * for ``int8``: ``model_int8.onnx`` in OpenVINO (onnxruntime's CPU kernels run that QDQ
   graph slower than fp32; with onnxruntime's TensorRT provider it goes first instead);
 * the ONNX graphs in onnxruntime: ``model.onnx`` (fp32), ``model_fp16.onnx`` first for fp16,
@@ -111,7 +113,12 @@ def resolve_model(
     graphs = [Candidate(p, "onnxruntime", _onnx_precision(n)) for n in graph_names if (p := _usable(path, record, n, verify, notes))]
     if precision in ("auto", "bf16"):
         xml = _usable(path, record, "model.xml", verify, notes)
-        if xml is not None and cpu_has_bf16():
+        gated = _gated_precision(record, "model.xml")
+        if xml is not None and cpu_has_bf16() and precision == "auto" and gated not in ("bf16", None):
+            notes.append(f"model.xml not chosen: its gate ran in {gated}, not bf16 (ask --precision bf16 to run it anyway)")
+        elif xml is not None and cpu_has_bf16():
+            if gated not in ("bf16", None):
+                notes.append(f"model.xml runs in bf16 here; its parity gate ran in {gated} at export")
             openvino.append(Candidate(xml, "openvino", "bf16"))
         elif xml is not None and precision == "bf16":
             notes.append("skipped model.xml in bf16: this CPU has no bf16 units (AMX or AVX512-BF16); fp32 instead")
@@ -130,6 +137,13 @@ def resolve_model(
     if not order:
         raise UserError(f"--model {path}: no model.onnx or model.engine in this folder (run `bilalora export` to make one)")
     return order, record
+
+
+def _gated_precision(record: Optional[dict], name: str) -> Optional[str]:
+    """The inference precision the artefact's parity gate ran in ("bf16", "f32"), None when not recorded."""
+    entry = ((record or {}).get("artefacts") or {}).get(name) or {}
+    value = entry.get("inference_precision") or (entry.get("parity") or {}).get("inference_precision")
+    return str(value) if value else None
 
 
 def _has_openvino() -> bool:

@@ -273,6 +273,19 @@ def test_openvino_bf16_is_chosen_where_the_cpu_has_bf16(exported, tmp_path):
         Dehazer(target)
 
 
+def test_openvino_gated_in_f32_is_not_chosen_for_bf16_by_auto(exported, tmp_path, monkeypatch):
+    from bilalora.runtime import ov_backend
+
+    monkeypatch.setattr(ov_backend, "cpu_has_bf16", lambda: True)
+    _, folder = exported
+    target = _add_openvino(_copy_export(folder, tmp_path / "export"))
+    _edit_record(target, lambda r: r["artefacts"]["model.xml"]["parity"].update(inference_precision="f32"))
+    candidates, _ = resolve_model(target, precision="auto", notes=(notes := []))
+    assert [c.backend for c in candidates] == ["onnxruntime", "onnxruntime"] and "its gate ran in f32" in notes[0]
+    candidates, _ = resolve_model(target, precision="bf16", notes=(notes := []))
+    assert candidates[0].backend == "openvino" and "gate ran in f32 at export" in notes[0]
+
+
 def test_openvino_backend_works_without_torch(exported, tmp_path):
     from conftest import run_without_torch
 
