@@ -41,7 +41,7 @@ from .errors import UserError
 from .io import atomic_path
 from .sites import Site, by_name
 
-__all__ = ["Adapter", "fingerprint", "tensor_checksum", "check_rank_alpha", "FORMAT_VERSION", "MAX_FACTOR_ABS",
+__all__ = ["Adapter", "fingerprint", "tensor_checksum", "check_rank_alpha", "check_tensors", "FORMAT_VERSION", "MAX_FACTOR_ABS",
            "MAX_DELTA_RATIO"]
 
 #: Version 2 adds ``checksum`` and ``input_norm``; version 1 files (without them) still load.
@@ -166,7 +166,7 @@ class Adapter:
 
         path = Path(path)
         self.tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        _check_tensors(self.tensors, self.rank, str(path))
+        check_tensors(self.tensors, self.rank, str(path))
         with atomic_path(path) as tmp:
             save_file(self.tensors, str(tmp), metadata={_META_KEY: json.dumps(self.metadata())})
         return path
@@ -193,7 +193,7 @@ class Adapter:
         expected = meta.get("checksum")
         if expected is not None and tensor_checksum(tensors) != expected:
             raise UserError(f"{where}: tensor checksum does not match its metadata; the file is damaged or was edited")
-        _check_tensors(tensors, meta["rank"], where)
+        check_tensors(tensors, meta["rank"], where)
         owned: set[str] = set()
         for name, entry in zip(sites, meta["sites"]):
             layers = entry.get("layers")
@@ -362,8 +362,9 @@ def _parse_metadata(raw: str, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor], rank: int, where: str) -> None:
-    """Pairs of 2-D factors whose shapes agree with ``rank``; finite values of plausible size."""
+def check_tensors(tensors: Mapping[str, torch.Tensor], rank: int, where: str) -> None:
+    """LoRA factors read from a file: pairs of 2-D float matrices whose shapes agree with ``rank``,
+    finite values of plausible size (:data:`MAX_FACTOR_ABS`). One-line UserError naming ``where``."""
     if not tensors:
         raise UserError(f"{where}: holds no LoRA tensors")
     layers: dict[str, dict[str, torch.Tensor]] = {}

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .adapter import Adapter, check_rank_alpha, fingerprint
+from .adapter import Adapter, check_rank_alpha, check_tensors, fingerprint
 from .errors import UserError
 from .io import atomic_path
 
@@ -128,6 +128,7 @@ def import_release(
         if logit.numel() != 1 or not bool(torch.isfinite(logit).all()):
             raise UserError(f"{where}: gate '{logits[0]}' must be one finite number, got shape {tuple(logit.shape)}")
         gates[site.name] = float(torch.sigmoid(logit.reshape(-1)[0].double()))
+    check_tensors(tensors, rank, where)  # finite, plausible, shapes that agree with r
     unused = sorted(set(state) - used)
     if unused:
         shown = ", ".join(unused[:4]) + (f", ... +{len(unused) - 4} more" if len(unused) > 4 else "")

@@ -140,6 +140,8 @@ def _edit_release(release, edit):
         (lambda d: d["nas_lora_config"].update(selected_layers=SELECTED[:2]), "outside its selected_layers"),
         (lambda d: d["nas_lora_config"].update(r=2), "rank 2"),
         (lambda d: d["lora_state_dict"]["level3_block7.conv1.lora_B"].mul_(1e5), "base weight"),
+        (lambda d: d["lora_state_dict"]["level3_block7.conv1.lora_B"].view(-1)[0].fill_(float("inf")), "NaN or infinite"),
+        (lambda d: d["lora_state_dict"]["level3_block7.conv1.lora_A"].view(-1)[0].fill_(4.6e35), "implausible"),
     ],
 )
 def test_bad_release_files_are_one_line(release_files, edit, message):
