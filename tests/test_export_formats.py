@@ -332,3 +332,20 @@ def test_input_norm_is_folded_into_the_graph_and_recorded(tmp_path):
     assert np.abs(graph - release).max() <= 1e-4
     with torch.no_grad():  # and the fold matters: the network fed [0, 1] directly is far off
         assert np.abs(ExportWrapper(plain).eval()(torch.from_numpy(x)).numpy() - graph).max() > 1e-3
+
+
+def test_bit_flipped_base_weight_fails_the_degenerate_gate(tmp_path):
+    """Base weights are not an adapter (no checksum): the parity gate itself must catch the 0/1 outputs."""
+    from safetensors.torch import save_file
+
+    model, _ = _weights_file(tmp_path)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    state["down1.0.weight"].view(-1)[0] = 4.6e35  # one flipped exponent bit in the first convolution
+    save_file(state, str(tmp_path / "flipped.safetensors"))
+    with pytest.raises(ParityError) as info:
+        run_export(ExportOptions(base=True, backbone="dea-net-t", weights=str(tmp_path / "flipped.safetensors"),
+                                 out=tmp_path / "out", parity_sizes=((32, 32),), slim=False))  # fmt: skip
+    assert "degenerate output" in str(info.value) and "\n" not in str(info.value)
+    record = sidecar.read_sidecar(tmp_path / "out")
+    assert record["status"] == "failed" and record["artefacts"]["model.onnx"]["removed"] is True
+    assert not (tmp_path / "out" / "model.onnx").exists()
