@@ -282,3 +282,18 @@ def test_source_takes_the_adapters_input_norm(tmp_path, tiny_dea):
     source = resolve_source(adapter=path, backbone="dea-net-t", weights="random", runs_root=tmp_path / "runs")
     assert source.input_norm == {"mean": [0.4] * 3, "std": [0.3] * 3}
     assert source.load_base().bilalora_info["input_norm"] == source.input_norm
+
+
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_commands_refuse_an_adapter_naming_code(tmp_path, tiny_dea, monkeypatch, command):
+    """`"backbone": "os:abort"` in an adapter file: one line, exit 2, and the process is still alive."""
+    from typer.testing import CliRunner
+
+    from bilalora.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    path = _trained_adapter(tiny_dea).save(tmp_path / "a.safetensors")
+    evil = _rewrite(path, tmp_path / "evil.safetensors", _json_edit(backbone="os:abort"))
+    result = CliRunner().invoke(app, [command, "--adapter", str(evil)], terminal_width=250)
+    assert result.exit_code == 2, result.output
+    assert "os:abort" in result.output and "Traceback" not in result.output
