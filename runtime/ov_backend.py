@@ -95,6 +95,8 @@ class OpenVinoBackend(Backend):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        # infer() copies its outputs (share_outputs=False, the default): the arrays returned stay valid
+        # after the next call, as tiles kept until they are blended need
         result = self.request.infer({0: batch})
         return np.asarray(result[self.compiled.output(0)], dtype=np.float32)
 

@@ -268,6 +268,9 @@ def test_openvino_bf16_is_chosen_where_the_cpu_has_bf16(exported, tmp_path):
     fp32 = Dehazer(target, precision="fp32")
     assert fp32.backend.name == "onnxruntime" and fp32.path.name == "model.onnx"
     assert _psnr(fp32(frame), reference) >= 50.0
+    big = _frame(70, 90, seed=10)  # tiled: windows from several calls are blended, none may alias another
+    tiled_auto, tiled_fp32 = Dehazer(target, tile=32, overlap=8), Dehazer(target, precision="fp32", tile=32, overlap=8)
+    assert _psnr(tiled_auto(big), tiled_fp32(big)) >= 40.0
     (target / "model.bin").write_bytes(b"\0" * 16)  # the weights beside model.xml swapped
     with pytest.raises(UserError, match="model.bin: sha256"):
         Dehazer(target)
