@@ -195,8 +195,11 @@ class _HostBuffer:
         self.cudart, self.pointer = cudart, 0
         nbytes = int(np.prod(shape)) * 4
         allocate = getattr(cudart, "cudaMallocHost", None)
-        if allocate is not None:
-            self.pointer = int(_check(allocate(nbytes), "cudaMallocHost"))
+        try:
+            self.pointer = int(_check(allocate(nbytes), "cudaMallocHost")) if allocate is not None else 0
+        except RuntimeError:  # page-locked memory is scarce on small devices: pageable still works
+            self.pointer = 0
+        if self.pointer:
             raw = (ctypes.c_uint8 * nbytes).from_address(self.pointer)
             self.array = np.frombuffer(raw, dtype=np.float32).reshape(shape)
         else:

@@ -369,6 +369,12 @@ def test_tensorrt_backend_runs_tiles_and_frees(tmp_path):
     assert "free" in cudart.calls and "destroy" in cudart.calls and "unpin" in cudart.calls
     assert dehaze.backend.context is None and dehaze.backend.engine is None and dehaze.backend.runtime is None
     assert not cudart.host  # every pinned buffer freed
+    cudart.cudaMallocHost = lambda nbytes: (2, 0)  # cudaErrorMemoryAllocation: pageable buffers instead
+    dehaze = Dehazer(engine, _trt=_fake_tensorrt(cudart), _cudart=cudart)
+    frame = _frame(20, 20, seed=6)
+    np.testing.assert_array_equal(dehaze(frame), 255 - frame)
+    assert not any(buffer.pinned for buffer in dehaze.backend._host.values())
+    dehaze.close()
 
 
 def test_engine_from_another_tensorrt_falls_back_to_onnx(exported, tmp_path):
