@@ -241,6 +241,8 @@ def refit_export(model_dir: Path, adapter_path: Path, out: Optional[Path] = None
         updated["artefacts"] = {
             name: sidecar.file_entry(staging.dir / name, staging.dir, **fields) for name, fields in new.items()
         }
+        if "model.engine" not in new:
+            updated["trt"] = None
         updated["warnings"] = list(result.dropped)
         sidecar.write_sidecar(staging.dir, updated)
         staging.commit()
@@ -298,7 +300,12 @@ def _refit_engine_file(model_dir, work, name, record, result, require_engine, ne
             raise UserError("no CUDA GPU is visible")
         if not trt_record.get("refittable"):
             raise UserError(f"{name} was not built refittable (export with --trt --refit)")
+        if trt_record.get("precision") == "int8":
+            raise UserError(f"{name} is an INT8 engine: its scales were calibrated for the old weights "
+                            "(refit an fp32/fp16 engine, or export the adapter with --int8 --trt)")  # fmt: skip
         source = work / trt_record.get("built_from", "model.onnx")
+        if not source.is_file():
+            raise UserError(f"{source.name}, which {name} was built from, is not part of this export")
         info = refit_engine(model_dir / name, onnx_weights(source), work / name, trt=trt)
     except UserError as exc:
         if require_engine:
