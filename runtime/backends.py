@@ -320,15 +320,27 @@ class TensorRTBackend(Backend):
         return host_out.copy()  # the pinned buffer is reused by the next call
 
     def close(self) -> None:
-        """Free device and pinned host buffers, the stream, then the context, engine and runtime (idempotent)."""
+        """Free device and pinned host buffers, the stream, then the context, engine and runtime (idempotent).
+
+        Best effort: after a sticky CUDA error every call fails, so failures are kept in
+        ``close_errors`` instead of raised, and every reference is dropped regardless.
+        """
+        self.close_errors: list[str] = []
+
+        def attempt(action, *args) -> None:
+            try:
+                action(*args)
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                self.close_errors.append(str(exc))
+
         for pointer, _ in self._buffers.values():
-            _check(self.cudart.cudaFree(pointer), "cudaFree")
+            attempt(lambda p: _check(self.cudart.cudaFree(p), "cudaFree"), pointer)
         self._buffers.clear()
         for buffer in self._host.values():
-            buffer.free()
+            attempt(buffer.free)
         self._host.clear()
         if self.stream is not None:
-            _check(self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
+            attempt(lambda: _check(self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy"))
             self.stream = None
         # TensorRT 10 objects are released when their last Python reference goes: drop them
         # in dependency order rather than leaving it to the garbage collector
