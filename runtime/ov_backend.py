@@ -90,8 +90,7 @@ class OpenVinoBackend(Backend):
         self.fixed_hw = (height, width) if height and width else None
         self.max_batch = _static(shape[0])
         self.precision = precision or "default"
-        hint = precision or "default precision"
-        self.device = f"OpenVINO {ov.__version__.split('-')[0]} {device} ({hint})"
+        self.device = f"{device}, OpenVINO {ov.__version__.split('-')[0]}, {precision or 'default'} inference"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
