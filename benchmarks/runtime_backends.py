@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,16 +23,6 @@ import cv2
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -111,7 +100,9 @@ def main() -> None:
     for row in rows:
         base = next(r for r in rows if r["precision_asked"] == "fp32" and r["frame"] == row["frame"])
         row["speed_vs_fp32"] = round(row["ms_p50"] / base["ms_p50"], 3)
-    cpu = _cpu_name()
+    from bilalora.devices import cpu_name
+
+    cpu = cpu_name()
     slug = "".join(c if c.isalnum() else "-" for c in cpu).strip("-").lower()
     out = RESULTS / f"runtime_backends_{record.get('backbone')}_{slug}.json"
     write_json(out, {
