@@ -79,6 +79,12 @@ class Backend(abc.ABC):
         """Release device resources (idempotent)."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when empty), at most ``limit`` characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def _static_dim(value: Any) -> Optional[int]:
     return int(value) if isinstance(value, (int, np.integer)) and int(value) > 0 else None
 
@@ -127,8 +133,7 @@ class OnnxBackend(Backend):
             specs = session_providers(chosen, record, precision, int8=precision == "int8")
             self.session = ort.InferenceSession(str(self.path), options, providers=specs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{self.path}: onnxruntime cannot load it ({first})") from None
+            raise UserError(f"{self.path}: onnxruntime cannot load it ({first_line(exc)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
             raise UserError(f"{self.path}: expected one image input, found {len(inputs)} inputs")

@@ -30,7 +30,7 @@ import numpy as np
 
 from bilalora.errors import UserError
 
-from .backends import Backend, OnnxBackend, TensorRTBackend
+from .backends import Backend, OnnxBackend, TensorRTBackend, first_line
 from .frames import COLOR_ORDERS, Tile, blend_window, frame_to_rgb01, pad_to_multiple, plan_tiles, rgb01_to_frame
 from .select import Candidate, resolve_model
 
@@ -39,11 +39,6 @@ __all__ = ["Dehazer", "resolve_model"]
 
 def _round_down(value: int, multiple: int) -> int:
     return max(multiple, value - value % multiple)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 class Dehazer:
@@ -136,8 +131,8 @@ class Dehazer:
                 if not self._remaining:
                     if isinstance(exc, UserError):
                         raise
-                    raise UserError(f"{candidate.path}: cannot open it ({_first_line(exc)})") from None
-                self._note(f"skipped {candidate.label()}: {_first_line(exc)}")
+                    raise UserError(f"{candidate.path}: cannot open it ({first_line(exc)})") from None
+                self._note(f"skipped {candidate.label()}: {first_line(exc)}")
                 continue
             self.candidate = candidate
             self.path = backend.path
@@ -170,7 +165,7 @@ class Dehazer:
                     self.backend.close()
                 except Exception:  # noqa: BLE001 - a broken backend may fail to close too
                     pass
-                self._note(f"{failed.label()} failed while running ({_first_line(exc)}); falling back")
+                self._note(f"{failed.label()} failed while running ({first_line(exc)}); falling back")
                 self.backend = self._open_next()
                 self._note(f"now running {self.candidate.label()}")
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from bilalora.errors import UserError
 
-from .backends import Backend
+from .backends import Backend, first_line
 
 __all__ = ["OpenVinoBackend", "cpu_has_bf16", "import_openvino"]
 
@@ -80,8 +80,7 @@ class OpenVinoBackend(Backend):
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with long texts
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{self.path}: OpenVINO cannot load it ({first[:160]})") from None
+            raise UserError(f"{self.path}: OpenVINO cannot load it ({first_line(exc, 160)})") from None
         self.request = self.compiled.create_infer_request()
         shape = self.compiled.input(0).get_partial_shape()
         if shape.rank.is_static and shape.rank.get_length() != 4:
