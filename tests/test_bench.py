@@ -383,3 +383,26 @@ def test_without_a_run_the_named_base_is_benchmarked_alone(tmp_path, monkeypatch
     assert rows["torch"] == "OK"
     assert rows["torch-fp16"] == "skipped: fp16 PyTorch is timed on CUDA only (use --device cuda)"
     assert set(record["quality"]["mean"]) == {"input", "base", "base+stretch", "base+stretch-global"}
+
+
+def test_adapt_eval_targets_follow_the_method_issue():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adapt_eval", Path(__file__).parents[1] / "benchmarks/adapt_eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    quality = {
+        "mean": {"base": {"fade": 1.0, "entropy": 7.0, "piqe": 20.0},
+                 "adapted": {"fade": 0.75, "entropy": 7.0, "piqe": 20.3},
+                 "base+stretch": {"fade": 0.8, "entropy": 7.1, "piqe": 20.0}},
+        "wins_vs_base": {"adapted": {"fade": 0.85}},
+    }  # fmt: skip
+    checks = module.targets(quality, "dea-net-s")
+    assert checks["fade_vs_base"]["value"] == pytest.approx(-0.25) and checks["fade_vs_base"]["met"]
+    assert checks["fade_below_base+stretch"]["met"] and checks["fade_wins_vs_base"]["met"]
+    assert checks["entropy_vs_base+stretch"]["value"] == pytest.approx(0.1 / 7.1) and checks["entropy_vs_base+stretch"]["met"]
+    assert checks["piqe_vs_base+stretch"]["value"] == pytest.approx(0.015) and checks["piqe_vs_base+stretch"]["met"]
+    # the paper-setting base must lower FADE by 30 %: 25 % is not enough
+    assert not module.targets(quality, "dea-net-s-synthetic")["fade_vs_base"]["met"]
+    quality["mean"]["adapted"]["piqe"] = 21.0  # 5 % worse than base+stretch
+    assert not module.targets(quality, "dea-net-s")["piqe_vs_base+stretch"]["met"]
