@@ -442,5 +442,5 @@ def test_loop_reads_the_host_once_per_log_window(tmp_path, hazy_folder, monkeypa
     per_line = (reads[1] - reads[5]) / (10 - 2)  # 10 log lines against 2
     print(f"host reads outside the step functions in 10 steps: {reads[5]} (log_every 5), {reads[1]} (log_every 1); "
           f"{per_line:.1f} per log line")
-    assert 0 < per_line <= 4  # one read of the losses (+ one of the gates in the search) per log line
+    assert 0 < per_line <= 2  # one copy to the host (.cpu) and its conversion (.tolist) per log line, gates included
     assert reads[5] / 10 <= 3  # stage ends (ranking, checkpoint copies) included

@@ -53,9 +53,17 @@ class StepWindow:
     def __len__(self) -> int:
         return len(self.results)
 
-    def flush(self) -> tuple[dict[str, float], list[bool]]:
-        """(means of the logged fields over the finite steps, per-step skipped flags); empties the window."""
+    def flush(self, extra: torch.Tensor | None = None) -> tuple[dict[str, float], list[bool], list[float]]:
+        """Read the window in one transfer; empties it.
+
+        Args:
+            extra: a 1-D device tensor read in the same transfer (the gate values).
+
+        Returns:
+            (means of the logged fields over the finite steps, per-step skipped flags, ``extra`` as floats).
+        """
         results, self.results = self.results, []
+        extra_values: list = [] if extra is None else list(extra.detach().float().reshape(-1).unbind())
         values, layout = [], []
         for result in results:
             for name in self.FIELDS:
@@ -65,7 +73,9 @@ class StepWindow:
                     layout.append(name)
             values.append(result.skipped)
             layout.append("skipped")
-        host = iter(_host(values))
+        read = _host(values + extra_values)
+        values_read, extra_read = read[: len(values)], read[len(values) :]
+        host = iter(values_read)
         sums: dict[str, list[float]] = {}
         skipped: list[bool] = []
         per_step: dict[str, float] = {}
@@ -81,7 +91,7 @@ class StepWindow:
                 per_step[name] = value
         means = {key: sum(items) / len(items) for key, items in sums.items()}
         self.started = time.time()
-        return means, skipped
+        return means, skipped, extra_read
 
 
 class GracefulInterrupt:
@@ -153,7 +163,8 @@ def _log_window(state: AdaptState, stage: str, window: StepWindow, log_path: Pat
     if not len(window):
         return None
     seconds = time.time() - window.started
-    means, skipped = window.flush()
+    gates = state.gate_tensor() if stage == "search" else None
+    means, skipped, gate_values = window.flush(gates)
     for flag in skipped:
         state.bad_streak = state.bad_streak + 1 if flag else 0
         state.bad_steps += int(flag)
@@ -165,7 +176,7 @@ def _log_window(state: AdaptState, stage: str, window: StepWindow, log_path: Pat
              "skipped": sum(skipped), "lr": state.lora_optimizer.param_groups[0]["lr"],
              "seconds_per_step": round(seconds / len(skipped), 4)}
     if stage == "search":
-        entry["gates"] = {k: round(v, 6) for k, v in state.record_gates().items()}
+        entry["gates"] = {k: round(v, 6) for k, v in state.record_gates(gate_values).items()}
     append_jsonl(log_path, entry)
     return entry
 

@@ -109,13 +109,22 @@ class AdaptState:
         self.gate_optimizer = make_gate_optimizer(gates, self.config.optim) if stage == "search" else None
 
     # ---------------------------------------------------------- trajectory
-    def record_gates(self) -> dict[str, float]:
-        """Read every gate once (one host sync) and append the values to the trajectory."""
+    def gate_tensor(self) -> torch.Tensor:
+        """Every gate value as one (S,) float32 device tensor in :func:`lora.site_gates` order (no host sync)."""
         gates = lora.site_gates(self.model)
         if not gates:
+            return torch.zeros(0)
+        with torch.no_grad():
+            return torch.stack([gate.value().detach().float() for gate in gates.values()])
+
+    def record_gates(self, values: list[float] | None = None) -> dict[str, float]:
+        """Append the gate values (read now with one host sync, or ``values`` already read) to the trajectory."""
+        names = list(lora.site_gates(self.model))
+        if not names:
             return {}
-        values = torch.stack([gate.value().detach().float() for gate in gates.values()]).cpu().tolist()
-        current = dict(zip(gates, values))
+        if values is None:
+            values = self.gate_tensor().cpu().tolist()
+        current = dict(zip(names, values))
         self.trajectory["steps"].append(self.global_step)
         for name, value in current.items():
             self.trajectory["values"].setdefault(name, []).append(value)
