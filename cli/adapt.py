@@ -72,10 +72,11 @@ def adapt_command(
     lr: float = typer.Option(1e-3, "--lr", help="LoRA learning rate, Adam (the release: 1e-6)."),
     gate_lr: float = typer.Option(3e-3, "--gate-lr", help="Gate learning rate (the release: 3e-4)."),
     gate_optimizer: Optional[str] = typer.Option(
-        None, "--gate-optimizer", help="adam | sgd | normalized (default: the measured choice, see README)."
+        None, "--gate-optimizer", help="adam | sgd | normalized (default: the library default, shown in the banner)."
     ),
     hypergradient: Optional[str] = typer.Option(
-        None, "--hypergradient", help="ift (the paper's) | release | direct (default: ift, see README)."
+        None, "--hypergradient",
+        help="ift (the paper's) | release | direct (default: the library default, shown in the banner).",
     ),
     clip_norm: float = typer.Option(5.0, "--clip-norm", help="Gradient-norm clip of the LoRA step."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),

@@ -444,3 +444,27 @@ def test_loop_reads_the_host_once_per_log_window(tmp_path, hazy_folder, monkeypa
           f"{per_line:.1f} per log line")
     assert 0 < per_line <= 2  # one copy to the host (.cpu) and its conversion (.tolist) per log line, gates included
     assert reads[5] / 10 <= 3  # stage ends (ranking, checkpoint copies) included
+
+
+def test_resume_names_an_image_gone_from_the_folder(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        adapt(_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    gone = read_split(run)["train"][0]
+    gone.unlink()
+    with pytest.raises(UserError, match=f"train image .*{gone.name}.* is gone"):
+        adapt(_model(), hazy_folder, ToyObjective(), None, run, resume=True)
+
+
+def test_no_test_split_scores_the_validation_half(tmp_path, hazy_folder):
+    result = adapt(_model(), hazy_folder, ToyObjective(), _config(test_fraction=0.0), tmp_path / "run")
+    assert result.summary["movement"]["split"] == "val" and result.summary["data"]["test"] == 0
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test"] == []
