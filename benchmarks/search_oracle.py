@@ -125,10 +125,10 @@ def oracle(args) -> None:
     record = {"kind": "oracle", "config": vars(args), "base_heldout": base_loss, "sites": {},
               "data": {"train": len(train), "val": len(val), "heldout": len(held)}}
     config = OptimConfig(lr=args.lr)
-    crops = Crops(train, args.crop, args.batch, seed=0)
+    crops = Crops(train, args.crop, args.batch, seed=args.seed)
     for name in candidates:
         started = time.time()
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = fresh_model(base)
         lora.inject(model, sites.by_name(model, [name]), args.rank, args.lora_alpha, gated=False)
         lora.freeze_base(model)
@@ -155,9 +155,11 @@ def search(args) -> None:
     for variant, seed in itertools.product(args.variants.split(","), [int(s) for s in args.seeds.split(",")]):
         if (variant, seed) in done:
             continue
-        method, _, gate_opt = variant.partition(":")
+        spec, _, gate_lr = variant.partition("@")  # e.g. ift:normalized@0.03
+        method, _, gate_opt = spec.partition(":")
         gate_opt = gate_opt or "adam"
-        config = OptimConfig(lr=args.lr, gate_lr=args.gate_lr, gate_optimizer=gate_opt,
+        gate_lr = float(gate_lr) if gate_lr else args.gate_lr
+        config = OptimConfig(lr=args.lr, gate_lr=gate_lr, gate_optimizer=gate_opt,
                              hypergradient=method if method != "joint" else "ift")
         started = time.time()
         torch.manual_seed(seed)
@@ -167,7 +169,7 @@ def search(args) -> None:
         lora_opt = make_lora_optimizer(lora.lora_parameters(model), config)
         gate_opt_ = make_gate_optimizer(lora.gate_parameters(model), config)
         if gate_opt == "sgd":  # plain SGD: scale the rate so the first step moves the gates by gate_lr (RMS)
-            gate_opt_.param_groups[0]["lr"] = args.gate_lr / _first_rms(model, objective, train, val, args, seed,
+            gate_opt_.param_groups[0]["lr"] = gate_lr / _first_rms(model, objective, train, val, args, seed,
                                                                         method)
         train_crops = Crops(train, args.crop, args.batch, seed=100 + seed)
         val_crops = Crops(val, args.crop, args.batch, seed=200 + seed)
@@ -224,11 +226,15 @@ def spearman(a, b) -> float:
 
 
 def report(args) -> None:
-    oracle_rec = json.loads(Path(args.oracle).read_text())
+    oracles = [json.loads(Path(path).read_text()) for path in args.oracle.split(",")]
+    oracle_rec = oracles[0]
     records = [json.loads(Path(path).read_text()) for path in args.search.split(",")]
     search_rec = {"config": records[0]["config"], "runs": [run for rec in records for run in rec["runs"]]}
     k = search_rec["config"]["top_k"]
-    drops = {name: v["drop"] for name, v in oracle_rec["sites"].items()}
+    # the oracle's drops averaged over its seeds; their agreement is the ceiling of any search's agreement
+    drops = {name: float(np.mean([o["sites"][name]["drop"] for o in oracles])) for name in oracle_rec["sites"]}
+    oracle_self = [spearman([a["sites"][n]["drop"] for n in drops], [b["sites"][n]["drop"] for n in drops])
+                   for a, b in itertools.combinations(oracles, 2)]
     oracle_rank = sorted(drops, key=lambda n: -drops[n])
     oracle_top = set(oracle_rank[:k])
     variants = {}
@@ -273,11 +279,14 @@ def report(args) -> None:
         "config": {"oracle": oracle_rec["config"], "search": [rec["config"] for rec in records]},
         "data": oracle_rec["data"],
         "base_heldout": oracle_rec["base_heldout"],
-        "oracle": {"drops": drops, "ranking": oracle_rank, "top_k": oracle_rank[:k]},
+        "oracle": {"drops": drops, "ranking": oracle_rank, "top_k": oracle_rank[:k], "seeds": len(oracles),
+                   "spearman_between_seeds": oracle_self,
+                   "drops_per_seed": [{n: o["sites"][n]["drop"] for n in drops} for o in oracles]},
         "variants": variants,
     }
     write_json(Path(args.out), out)
-    print(f"oracle top-{k}: {', '.join(oracle_rank[:k])}; base held-out objective {oracle_rec['base_heldout']:.5f}")
+    print(f"oracle top-{k}: {', '.join(oracle_rank[:k])}; base held-out objective {oracle_rec['base_heldout']:.5f}; "
+          f"Spearman between oracle seeds: {', '.join(f'{x:+.2f}' for x in oracle_self) or 'n/a'}")
     print("| variant | Spearman vs oracle | top-k ∩ oracle | top-k ∩ across seeds | gap > noise | held-out after B |")
     print("|---|---|---|---|---|---|")
     for name, entry in variants.items():
@@ -306,16 +315,18 @@ def main(argv=None) -> None:
         p.add_argument("--out", required=True)
         if name == "oracle":
             p.add_argument("--oracle-steps", type=int, default=20)
+            p.add_argument("--seed", type=int, default=0, help="LoRA initialisation and batch order")
         else:
             p.add_argument("--search-steps", type=int, default=20)
             p.add_argument("--finetune-steps", type=int, default=10)
             p.add_argument("--gate-lr", type=float, default=3e-3)
             p.add_argument("--top-k", type=int, default=3)
             p.add_argument("--seeds", default="0,1,2")
-            p.add_argument("--variants", default="ift,release,direct,joint,ift:normalized,ift:sgd")
+            p.add_argument("--variants", default="ift,release,direct,joint,ift:normalized,ift:sgd",
+                           help="METHOD[:GATE_OPTIMIZER][@GATE_LR], comma-separated")
             p.add_argument("--resume", action="store_true")
     p = sub.add_parser("report")
-    p.add_argument("--oracle", required=True)
+    p.add_argument("--oracle", required=True, help="one or more oracle JSON files (seeds), comma-separated")
     p.add_argument("--search", required=True, help="one or more search JSON files, comma-separated")
     p.add_argument("--out", required=True)
     args = parser.parse_args(argv)

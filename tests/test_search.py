@@ -337,3 +337,20 @@ def test_a_search_step_does_not_read_values_back(monkeypatch):
                  lambda: joint_step(model, _target_objective, train, lora_opt, gate_opt, config)):
         step()
     assert calls == []
+
+
+def test_deconv_indexes_with_a_device_buffer_and_keeps_its_kernel():
+    from bilalora.backbones.deconv import _ANGULAR_SHIFT, DEConv
+
+    torch.manual_seed(0)
+    layer = DEConv(4)
+    assert "conv1_4.shift_index" not in layer.state_dict()  # not a weight: state-dict keys unchanged
+    assert layer.conv1_4.shift_index.tolist() == _ANGULAR_SHIFT
+    flat = layer.conv1_4.conv.weight.flatten(2)
+    expected = (flat - flat[:, :, _ANGULAR_SHIFT]).view_as(layer.conv1_4.conv.weight)
+    assert torch.equal(layer.conv1_4.merged_weight()[0], expected)
+    layer.double()
+    assert layer.conv1_4.shift_index.dtype == torch.long  # moved with the module, never cast
+    x = torch.rand(1, 4, 8, 8, dtype=torch.float64)
+    weight, bias = layer.merged_weight()
+    assert torch.allclose(layer(x), torch.nn.functional.conv2d(x, weight, bias, padding=1))
