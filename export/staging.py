@@ -50,7 +50,8 @@ class Staging:
 
     def __init__(self, out_dir: Path):
         self.out_dir = Path(out_dir)
-        self.dir = self.out_dir.with_name(self.out_dir.name + STAGING_SUFFIX)
+        resolved = self.out_dir.resolve()  # "." and "sub/.." have no name of their own
+        self.dir = resolved.with_name(resolved.name + STAGING_SUFFIX)
 
     def open(self) -> list[str]:
         """Clean up a leftover staging folder and create an empty one; one-line notes on what was found."""
