@@ -178,7 +178,7 @@ def test_adapt_resume_refuses_a_crafted_checkpoint(tmp_path, hazy_folder, base_w
             return (os.system, (f"touch {marker}",))
 
     (out / "checkpoints" / "last.pt").write_bytes(pickle.dumps({"config": Payload()}))
-    _fails_in_one_line([*common, "--resume"], "cannot read the checkpoint")
+    _fails_in_one_line([*common, "--resume"], "cannot read checkpoint")
     assert not marker.exists()
 
 

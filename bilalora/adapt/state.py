@@ -17,15 +17,15 @@ from torch import nn
 
 from .. import lora
 from .. import sites as site_lib
+from ..checkpoints import load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..io import atomic_path
 from ..runs import checkpoint_path
 from ..search import make_gate_optimizer, make_lora_optimizer, rank_sites
 from .config import AdaptConfig
 
-__all__ = ["CHECKPOINT_VERSION", "AdaptState", "candidate_sites", "read_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "AdaptState", "candidate_sites", "read_checkpoint"]
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_FORMAT = "bilalora-adapt-checkpoint/2"
 
 
 def candidate_sites(model: nn.Module, config: AdaptConfig) -> list[site_lib.Site]:
@@ -135,7 +135,7 @@ class AdaptState:
         """The checkpoint record: tensors and plain types only (``weights_only``-loadable)."""
         model = self.model
         record = {
-            "version": CHECKPOINT_VERSION,
+            "format": CHECKPOINT_FORMAT,
             "config": self.config.as_dict(),
             "base_fingerprint": self.base_fingerprint,
             "stage_index": self.stage_index,
@@ -163,8 +163,7 @@ class AdaptState:
 
     def save(self, run_dir: Path) -> None:
         """Write the checkpoint atomically (a kill mid-write leaves the previous one)."""
-        with atomic_path(checkpoint_path(run_dir)) as tmp:
-            torch.save(self.state(), tmp)
+        save_checkpoint(checkpoint_path(run_dir), self.state())
         self.saved_at = time.monotonic()
 
     def checkpoint_due(self) -> bool:
@@ -206,26 +205,10 @@ class AdaptState:
 
 
 def read_checkpoint(run_dir: Path) -> dict:
-    """Load ``run_dir/checkpoints/last.pt`` safely (``weights_only=True``).
+    """Load ``run_dir/checkpoints/last.pt`` safely (``weights_only=True``, :mod:`bilalora.checkpoints`).
 
     Raises:
-        UserError: missing, truncated, not a checkpoint, or holding anything but
-            tensors and plain types (one line naming the file).
+        UserError: missing, truncated, not an adapt checkpoint of this version, or holding
+            anything but tensors and plain types (one line naming the file).
     """
-    path = checkpoint_path(run_dir)
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start a new run without --resume")
-    try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every failure to read is the same user-facing problem
-        text = str(err).strip()
-        if "Weights only load failed" in text:
-            reason = "it holds objects other than tensors and plain data, refused because loading them could run code"
-        else:
-            reason = text.splitlines()[0] if text else type(err).__name__
-        raise UserError(f"--resume: cannot read the checkpoint {path} (damaged, truncated or not a bilalora "
-                        f"checkpoint: {reason[:160]})") from None
-    needed = ("config", "base_fingerprint", "stage_index", "stage_step", "global_step")
-    if not isinstance(record, dict) or any(key not in record for key in needed):
-        raise UserError(f"--resume: {path} is not a checkpoint of this bilalora version; start a new run")
-    return record
+    return load_checkpoint(checkpoint_path(run_dir), CHECKPOINT_FORMAT, hint="start a new run without --resume")
