@@ -120,7 +120,6 @@ def _one_process(model: Path, video: Path, out: Path, threads: int) -> dict:
 
 def _fleet(model: Path, video: Path, out: Path, workers: int, chunk_frames: int, address: str | None) -> dict:
     import ray
-
     from bilalora.runtime.manifest import Job
     from bilalora.runtime.ray import FleetOptions, run_fleet
 
@@ -187,7 +186,8 @@ def main() -> None:
     parser.add_argument("--photos", type=Path, default=SHARED_PHOTOS)
     parser.add_argument("--latency-size", default="1080x1920", help="frame size for the cost figure (empty: skip)")
     parser.add_argument("--latency-runs", type=int, default=3)
-    parser.add_argument("--latency-threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    parser.add_argument("--latency-threads", type=int, default=1,
+                        help="onnxruntime threads (0: its default); 1 keeps the CPU time free of its threads' spin-waiting")
     args = parser.parse_args()
 
     from bilalora.io import read_json, write_json
