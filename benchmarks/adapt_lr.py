@@ -32,6 +32,7 @@ from bilalora.metrics import colourfulness, fade, mean_brightness
 from bilalora.metrics.fade import to_uint8_rgb
 from bilalora.objectives import build_objective
 from bilalora.padding import crop_to, pad_to_multiple
+from bilalora.runs import read_split
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -97,15 +98,14 @@ def main(argv=None) -> dict:
         for lr in lrs:
             config = AdaptConfig(epochs=args.epochs, search_epochs=args.search_epochs, batch=args.batch,
                                  crop=args.crop, seed=args.seed, max_side=args.max_side, workers=1,
-                                 checkpoint_every=0)
+                                 checkpoint_every=0, test_fraction=0.0)  # the sweep's 50/50 split
             config.optim.lr = lr
             config.optim.gate_lr = args.gate_lr
             model = load()
             started = time.time()
             result = adapt(model, args.images, objective, config, Path(tmp) / f"lr{lr:g}")
             seconds = time.time() - started
-            split = json.loads((Path(tmp) / f"lr{lr:g}" / "split.json").read_text())
-            val = [_resize(load_image(p), args.eval_side) for p in split["val"]]
+            val = [_resize(load_image(p), args.eval_side) for p in read_split(Path(tmp) / f"lr{lr:g}")["val"]]
             adapted = Adapter.load(result.artefact).merge_into(load()).eval()
             if base_outputs is None:
                 base_outputs = [_dehaze(base, im) for im in val]
