@@ -141,9 +141,12 @@ def test_adapt_out_existing_run(tmp_path, hazy_folder, base_weights):
     first = (out / "adapter.safetensors").read_bytes()
     _fails_in_one_line(common, "already holds a run")
     assert (out / "adapter.safetensors").read_bytes() == first
-    result = _invoke(["adapt", *common, "--exist-ok", "--seed", "4"])
+    result = _invoke(["adapt", *common, "--exist-ok", "--seed", "4", "--hypergradient", "direct",
+                      "--gate-optimizer", "sgd"])
     assert "replacing the earlier run" in result.output
-    assert json.loads((out / "summary.json").read_text())["config"]["seed"] == 4
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["seed"] == 4
+    assert (config["optim"]["hypergradient"], config["optim"]["gate_optimizer"]) == ("direct", "sgd")
 
 
 def test_adapt_resume_cli(tmp_path, hazy_folder, base_weights):
