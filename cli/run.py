@@ -65,6 +65,7 @@ def run_command(
     resume: bool = typer.Option(False, "--resume", help="With --ray: skip outputs already written from the same input and model (run.outputs.jsonl)."),
     workers: int = typer.Option(0, "--workers", help="With --ray: workers (0: one per GPU for engines, else one per --worker-cpus CPUs)."),
     worker_cpus: float = typer.Option(1.0, "--worker-cpus", help="With --ray: CPUs per worker (also its onnxruntime threads)."),
+    worker_gpus: Optional[float] = typer.Option(None, "--worker-gpus", help="With --ray: GPUs per worker, e.g. 0.5 for two per GPU (default: 1 for engines/CUDA when the cluster has GPUs, else 0)."),
     batch: int = typer.Option(8, "--batch", help="With --ray: image files per task."),
     chunk_frames: int = typer.Option(32, "--chunk-frames", help="With --ray: least frames per video chunk (chunks start on keyframes)."),
 ) -> None:  # fmt: skip
@@ -78,9 +79,9 @@ def run_command(
                        threads=threads, verify=verify)  # fmt: skip
         refused = {"--night-model": night_model is not None, "--skip-clear": skip_clear, "--max-frames": max_frames != 0}
         return run_ray(input=input, output=output, model=model, manifest=manifest, address=ray_address, resume=resume,
-                       workers=workers, worker_cpus=worker_cpus, batch=batch, chunk_frames=chunk_frames, dehazer=dehazer,
-                       overwrite=overwrite, default_model=_default_model, record_path=_record_path,
-                       refused=refused)  # fmt: skip
+                       workers=workers, worker_cpus=worker_cpus, worker_gpus=worker_gpus, batch=batch,
+                       chunk_frames=chunk_frames, dehazer=dehazer, overwrite=overwrite, default_model=_default_model,
+                       record_path=_record_path, refused=refused)  # fmt: skip
     if input is None or output is None:
         raise UserError("give --input and --output (--manifest FILE with --ray)")
     chosen = model if model is not None else _default_model()

@@ -23,6 +23,7 @@ def run_ray(
     resume: bool,
     workers: int,
     worker_cpus: float,
+    worker_gpus: Optional[float],
     batch: int,
     chunk_frames: int,
     dehazer: dict[str, Any],
@@ -36,9 +37,10 @@ def run_ray(
     Args:
         refused: one-process options that do not spread (flag name -> whether it was given).
     """
-    from bilalora.io import write_json
     from bilalora.runtime.manifest import Job, read_manifest
     from bilalora.runtime.ray import FleetOptions, run_fleet
+
+    from bilalora.io import write_json
 
     for flag, given in refused.items():
         if given:
@@ -58,8 +60,8 @@ def run_ray(
     if chosen is None and any(job.model is None for job in jobs):
         chosen = default_model()
         console.print(f"model: {escape(str(chosen))} (newest adapt run; --model to choose)", soft_wrap=True)
-    options = FleetOptions(address=address, workers=workers, worker_cpus=worker_cpus, batch=batch,
-                           chunk_frames=chunk_frames, resume=resume, overwrite=overwrite,
+    options = FleetOptions(address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=worker_gpus,
+                           batch=batch, chunk_frames=chunk_frames, resume=resume, overwrite=overwrite,
                            dehazer=dehazer)  # fmt: skip
     record = run_fleet(jobs, str(chosen) if chosen else None, options, console=console)
     path = write_json(where, record)

@@ -7,7 +7,7 @@
 Each worker is a Ray actor holding a few :class:`~.dehazer.Dehazer` s (least
 recently used dropped first), so a model is loaded once per worker, not once per
 task; a worker asks Ray for a GPU when the model is a TensorRT engine (or the
-onnxruntime providers name CUDA/TensorRT) and the cluster has GPUs. Work items
+onnxruntime has CUDA) and the cluster has GPUs. Work items
 (:mod:`.chunks`, :mod:`.fleet`) go to the workers two at a time each, preferring a
 worker that already holds the item's model. A worker that dies (killed, out of
 memory, node lost) is restarted by Ray and its unfinished items run again
@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -217,12 +217,19 @@ def _wants_gpu(model: str, dehazer: dict[str, Any]) -> bool:
         from .dehazer import resolve_model
 
     providers = [p.lower() for p in (dehazer.get("providers") or [])]
-    if any("cuda" in p or "tensorrt" in p for p in providers):
-        return True
+    if providers:
+        return any("cuda" in p or "tensorrt" in p for p in providers)
     chosen = {k: dehazer[k] for k in ("prefer", "precision") if dehazer.get(k) is not None}
     candidates, _ = resolve_model(model, **chosen)
     first = getattr(candidates[0], "path", candidates[0])
-    return Path(first).suffix.lower() in (".engine", ".plan", ".trt")
+    if Path(first).suffix.lower() in (".engine", ".plan", ".trt"):
+        return True
+    try:  # the default providers take CUDA where onnxruntime-gpu is installed (judged by this machine's)
+        import onnxruntime
+
+        return any(p in onnxruntime.get_available_providers() for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    except ImportError:
+        return False
 
 
 class _Stats:
@@ -288,8 +295,10 @@ def run_fleet(
     from .streams import StreamReport
 
     options = options or FleetOptions()
-    if options.in_flight < 1 or options.worker_cpus <= 0 or options.max_retries < 0 or options.workers < 0:
-        raise UserError("--workers, --worker-cpus, in-flight and retries must be positive")
+    if options.workers < 0 or options.worker_cpus <= 0 or (options.worker_gpus or 0) < 0:
+        raise UserError("--workers, --worker-cpus and --worker-gpus: use positive numbers (--workers 0: automatic)")
+    if options.in_flight < 1 or options.max_retries < 0:
+        raise UserError("in_flight must be 1 or more and max_retries 0 or more")
     pixel = {k: options.dehazer.get(k) for k in _PIXEL_OPTIONS}
     keys: dict[str, str] = {}
     states: list[JobState] = []
@@ -322,6 +331,8 @@ def run_fleet(
             gpus_free = float(resources.get("GPU", 0))
             wants_gpu = any(_wants_gpu(m, options.dehazer) for m in {i.model for i in items})
             worker_gpus = options.worker_gpus if options.worker_gpus is not None else (1.0 if wants_gpu and gpus_free else 0.0)
+            if worker_gpus > gpus_free:
+                raise UserError(f"--worker-gpus {worker_gpus:g}: the Ray cluster has {gpus_free:g} GPU(s)")
             # no more workers than the cluster can place now: an actor Ray cannot place waits forever
             fits = max(1, int(gpus_free // worker_gpus) if worker_gpus else int(float(resources.get("CPU", 1)) // options.worker_cpus))
             count = min(options.workers or fits, fits, len(items))

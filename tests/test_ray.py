@@ -11,11 +11,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
-from bilalora.errors import UserError
 from bilalora.runtime.chunks import VideoInfo, iter_video_range, plan_chunks, scan_video
 from bilalora.runtime.manifest import Job, Ledger, file_digest, input_stamp, model_key, read_manifest
 from conftest import run_without_torch, write_hazy_images  # tests/ is on sys.path under pytest
+
+from bilalora.errors import UserError
 
 ray = pytest.importorskip("ray")
 
@@ -166,10 +166,10 @@ def cluster():
 
 def _export(folder: Path, seed: int) -> Path:
     import torch
+    from bilalora.export.pipeline import ExportOptions, run_export
     from safetensors.torch import save_file
 
     from bilalora import backbones
-    from bilalora.export.pipeline import ExportOptions, run_export
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -318,9 +318,8 @@ def test_resume_does_no_work_and_redoes_what_changed(cluster, inputs, tmp_path):
 
 
 def test_manifest_gives_each_camera_its_own_model_through_the_cli(cluster, inputs, tmp_path):
-    from typer.testing import CliRunner
-
     from bilalora.cli.app import app
+    from typer.testing import CliRunner
 
     manifest = tmp_path / "fleet.csv"
     manifest.write_text(
@@ -366,9 +365,8 @@ def test_a_model_that_fails_in_the_workers_is_one_line_and_workers_fit_the_clust
     ],
 )
 def test_cli_mistakes_are_one_line(inputs, tmp_path, args, message):
-    from typer.testing import CliRunner
-
     from bilalora.cli.app import app
+    from typer.testing import CliRunner
 
     args = [a.format(frames=inputs["frames"], model=inputs["model_a"], video=inputs["video"]) for a in args]
     result = CliRunner().invoke(app, ["run", "--ray", "--model", str(inputs["model_a"]), *args])
