@@ -176,6 +176,7 @@ def test_cli_pretrain_writes_card_and_resumes_exactly(tiny_data):
     model = backbones.load("dea-net-t", weights=straight)
     assert card["fingerprint"] == fingerprint(model)
     assert card["backbone"] == "dea-net-t" and card["steps_done"] == 4 and card["width"] == 8
+    assert card["input_norm"] is None and model.bilalora_info["input_norm"] is None  # trained on plain [0, 1]
     assert card["data"]["pairs"]["n_pairs"] == 8 and card["data"]["synthesized_from"]["n_images"] == 4
     assert card["validation"]["best"]["n"] == 2
     assert [h["step"] for h in card["validation"]["history"]] == [2, 4]
