@@ -248,6 +248,28 @@ def test_two_workers_equal_one_process(cluster, inputs, tmp_path):
     assert not list(tmp_path.glob("**/.*tmp*"))  # no temporary files left
 
 
+def test_run_ray_joins_a_running_cluster_in_a_process_without_torch(cluster, inputs, tmp_path):
+    """The command as a fleet server runs it: torch not installed, the cluster named by $RAY_ADDRESS."""
+    argv = ["bilalora", "run", "--ray", "-m", str(inputs["model_a"]), "-i", str(inputs["video"]), "-o",
+            str(tmp_path / "out.mp4"), "--threads", "1", "--chunk-frames", "5"]  # fmt: skip
+    code = (
+        "import os, sys\n"
+        f"os.environ['RAY_ADDRESS'] = {ray.get_runtime_context().gcs_address!r}\n"
+        f"sys.argv = {argv!r}\n"
+        "from bilalora.cli.app import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('TORCH LOADED' if 'torch' in sys.modules else 'NO TORCH')\n"
+    )
+    done = run_without_torch(code, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NO TORCH" in done.stdout and "run --ray:" in done.stdout
+    _same_video(_single(inputs, inputs["video"], tmp_path / "ref.mp4", inputs["model_a"]), tmp_path / "out.mp4")
+    record = json.loads((tmp_path / "out.run.json").read_text())
+    assert record["ray"]["address"] == ray.get_runtime_context().gcs_address and record["ray"]["items"] > 1
+
+
 class CrashOnce:
     """A Dehazer factory whose dehazers kill their worker process on first use while ``marker`` exists."""
 
