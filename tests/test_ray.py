@@ -232,17 +232,22 @@ def test_two_workers_equal_one_process(cluster, inputs, tmp_path):
     model = inputs["model_a"]
     ref_images = _single(inputs, inputs["frames"], tmp_path / "ref_images", model)
     ref_video = _single(inputs, inputs["video"], tmp_path / "ref.mp4", model)
+    one = inputs["frames"] / "hazy_02.png"
     jobs = [Job(str(inputs["frames"]), str(tmp_path / "images")), Job(str(inputs["video"]), str(tmp_path / "out.mp4")),
-            Job(str(inputs["video"]), str(tmp_path / "video_frames"))]  # fmt: skip
+            Job(str(inputs["video"]), str(tmp_path / "video_frames")),
+            Job(str(inputs["frames"]), str(tmp_path / "slideshow.avi")), Job(str(one), str(tmp_path / "one" / "x.png"))]  # fmt: skip
     record = _fleet(jobs, model, workers=2)
     _same_images(ref_images, tmp_path / "images")
     _same_video(ref_video, tmp_path / "out.mp4")
+    # a folder of images to a video (in order, across tasks), and one image to an image path
+    _same_video(_single(inputs, inputs["frames"], tmp_path / "ref_slideshow.avi", model), tmp_path / "slideshow.avi")
+    _same_images(_single(inputs, one, tmp_path / "ref_one" / "x.png", model).parent, tmp_path / "one")
     # video -> image folder: the one-process run's frame_000001.png ... names and bytes
     ref_frames = _single(inputs, inputs["video"], tmp_path / "ref_frames", model)
     _same_images(ref_frames, tmp_path / "video_frames")
     workers = record["ray"]["workers"]
     assert len(workers) == 2 and all(w["frames"] > 0 for w in workers)  # both did work
-    assert record["frames"] == 6 + 30 + 30 == sum(w["frames"] for w in workers)
+    assert record["frames"] == 6 + 30 + 30 + 6 + 1 == sum(w["frames"] for w in workers)
     assert record["jobs"][1]["items"] > 1  # the video really was split
     assert all(w["model_loads"] == 1 for w in workers)  # loaded once per worker, not per task
     assert not list(tmp_path.glob("**/.*tmp*"))  # no temporary files left
