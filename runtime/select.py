@@ -57,11 +57,16 @@ def _onnx_precision(name: str) -> str:
 
 
 def _usable(folder: Path, record: Optional[dict], name: str, verify: bool, notes: list[str]) -> Optional[Path]:
+    entry = ((record or {}).get("artefacts") or {}).get(name) or {}
     path = resolve_artefact(folder, record, name, verify=verify)
-    if path is not None and artefact_passed(record, name) is False:
+    if entry.get("removed") or (path is not None and artefact_passed(record, name) is False):
         notes.append(f"skipped {name}: it failed its parity gate at export")
         return None
     return path
+
+
+def _listed(record: Optional[dict], name: str) -> bool:
+    return name in ((record or {}).get("artefacts") or {})
 
 
 def resolve_model(
@@ -95,6 +100,8 @@ def resolve_model(
     if path.is_file():
         return _single_file(path, prefer, verify, notes), load_record(path.parent)
     record = load_record(path)
+    if record is not None and record.get("status") in ("failed", "partial"):
+        notes.append(f"this export is {record['status']}: {record.get('error') or 'see model.json'}")
     engines: list[Candidate] = []
     openvino: list[Candidate] = []
     if prefer in ("auto", "engine"):
@@ -122,12 +129,13 @@ def resolve_model(
             openvino.append(Candidate(xml, "openvino", "bf16"))
         elif xml is not None and precision == "bf16":
             notes.append("skipped model.xml in bf16: this CPU has no bf16 units (AMX or AVX512-BF16); fp32 instead")
-        elif precision == "bf16":
+        elif precision == "bf16" and not _listed(record, "model.xml"):
             notes.append("no model.xml in this folder (`bilalora export --openvino`): bf16 needs it; fp32 instead")
     if precision == "int8":
         int8 = next((c for c in graphs if c.precision == "int8"), None)
         if int8 is None:
-            notes.append("no model_int8.onnx in this folder (`bilalora export --int8`); fp32 instead")
+            if not _listed(record, "model_int8.onnx"):
+                notes.append("no model_int8.onnx in this folder (`bilalora export --int8`); fp32 instead")
         elif "TensorrtExecutionProvider" not in (providers or []) and _has_openvino():
             openvino.append(Candidate(int8.path, "openvino", "int8"))
     if record is None and not graphs and not engines:

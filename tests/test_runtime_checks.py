@@ -345,6 +345,14 @@ def test_int8_graph_runs_in_openvino_on_cpu_and_first_in_onnxruntime_with_tensor
     notes: list[str] = []
     resolve_model(folder, precision="bf16", notes=notes)
     assert any("no model.xml" in n for n in notes)
+    record["artefacts"]["model_int8.onnx"].update(removed=True, parity={"passed": False})  # failed gate, file gone
+    record.update(status="failed", error="parity gate failed for model_int8.onnx (int8)")
+    (folder / "model_int8.onnx").unlink()
+    model_json.write_sidecar(folder, record)
+    candidates, _ = resolve_model(folder, precision="int8", notes=(notes := []))
+    assert [c.path.name for c in candidates] == ["model.onnx"]
+    assert notes == ["this export is failed: parity gate failed for model_int8.onnx (int8)",
+                     "skipped model_int8.onnx: it failed its parity gate at export"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- fallback (#14.4)
