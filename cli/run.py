@@ -102,7 +102,7 @@ def run_command(
             why = "fastest that passed its gate here" if info["precision_asked"] == "auto" else "--precision"
             console.print(
                 f"[bold]{escape(Path(info['file']).name)}[/]: {info['backend']} {info['precision']} on "
-                f"{escape(info['device'])} ({why})",
+                f"{escape(info['device'])}; {why}",
                 soft_wrap=True,
             )
         with progress_bar() as progress:
