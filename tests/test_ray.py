@@ -215,8 +215,11 @@ def _fleet(jobs, model, **options):
 
 
 def _same_images(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.glob("*.png"))
-    assert names and names == sorted(p.name for p in b.glob("*.png"))
+    def images(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+
+    names = images(a)
+    assert names and names == images(b)
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
@@ -273,6 +276,22 @@ def test_run_ray_joins_a_running_cluster_in_a_process_without_torch(cluster, inp
     _same_video(_single(inputs, inputs["video"], tmp_path / "ref.mp4", inputs["model_a"]), tmp_path / "out.mp4")
     record = json.loads((tmp_path / "out.run.json").read_text())
     assert record["ray"]["address"] == ray.get_runtime_context().gcs_address and record["ray"]["items"] > 1
+
+
+def test_bad_files_are_skipped_and_named_as_in_one_process(cluster, inputs, tmp_path):
+    from bad_corpus import make_bad_corpus
+
+    from bilalora.runtime import Dehazer, open_sink, open_source, process
+
+    corpus = make_bad_corpus(tmp_path / "mixed")
+    source = open_source(str(tmp_path / "mixed"))
+    with Dehazer(inputs["model_a"], threads=1) as dehazer:
+        single = process(source, open_sink(tmp_path / "ref", source), dehazer)
+    record = _fleet([Job(str(tmp_path / "mixed"), str(tmp_path / "out"))], inputs["model_a"], workers=2, batch=3)
+    assert sorted((s["name"], s["reason"]) for s in record["skipped"]) == sorted(single.skipped)
+    assert {s["name"] for s in record["skipped"]} == set(corpus["bad"])
+    assert record["frames"] == single.frames == len(corpus["good"])
+    _same_images(tmp_path / "ref", tmp_path / "out")
 
 
 class CrashOnce:
