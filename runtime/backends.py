@@ -138,6 +138,10 @@ class OnnxBackend(Backend):
         if len(inputs) != 1 or len(outputs) < 1:
             raise UserError(f"{self.path}: expected one image input, found {len(inputs)} inputs")
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        if inputs[0].type != "tensor(float)" or outputs[0].type != "tensor(float)":
+            raise UserError(
+                f"{self.path}: input {inputs[0].type} -> output {outputs[0].type}; bilalora graphs take float32 -> float32"
+            )
         shape = list(inputs[0].shape)
         if len(shape) != 4:
             raise UserError(f"{self.path}: input {self.input_name} has shape {shape}, expected (N, 3, H, W)")

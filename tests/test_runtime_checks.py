@@ -401,6 +401,17 @@ def test_engine_failing_while_running_falls_back_to_onnx(exported, tmp_path):
         only_engine(frame)
 
 
+def test_onnx_graph_with_foreign_io_dtypes_is_one_line(tmp_path):
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 3, "H", "W"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT16, ["N", 3, "H", "W"])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "half", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "half.onnx"))
+    with pytest.raises(UserError, match=r"tensor\(float16\) -> output tensor\(float16\); bilalora graphs take float32"):
+        Dehazer(tmp_path / "half.onnx")
+
+
 # --------------------------------------------------------------------------- fixed batch (#14.4)
 
 
