@@ -28,9 +28,9 @@ Experiments (each isolates one suspected cause):
 3. **training data** -- the share of flat-haze pixels in training crops (synth_train pairs and
    synthesised clean_outdoor crops) against real_day photos (same mask).
 
-Writes ``benchmarks/results/blotch_probe_<backbone>.json`` and ``blotch_sheet_<backbone>.jpg``
-(the sheet shows research-only photos: look at it, do not commit it)
-(input | whole | tiles128 | half for six of the photos); prints tables.
+Writes ``benchmarks/results/blotch_probe_<backbone>.json`` and prints tables; ``--sheet FILE.jpg``
+also draws input | whole | tiles128 | half for six of the photos (research-only photos: look at the
+sheet, do not commit it).
 """
 
 from __future__ import annotations
@@ -257,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--sheet", type=Path, default=None, help="contact sheet to draw (JPEG; not for committing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
     model = backbones.load(args.backbone, weights=args.weights)
 
-    sheet = args.results / f"blotch_sheet_{args.backbone}.jpg"
-    real = real_photos(model, args.real, args.count, args.side, args.flat_std, args.dark, sheet)
+    real = real_photos(model, args.real, args.count, args.side, args.flat_std, args.dark, args.sheet)
     modes = list(real["mean"])
     _table(f"experiment 1: {args.count} photos of {args.real.name} with the most flat haze (mean in the mask)",
            ["mode", "local std (levels)", "blotch share"],
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "real": {"folder": str(args.real), "side": args.side, **real},
         "synthetic_flat": synthetic,
         "flat_share": share,
-        "sheet": sheet.name,
+        "sheet": str(args.sheet) if args.sheet else None,
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "seconds": round(time.time() - started, 1),
