@@ -111,8 +111,10 @@ def run_command(
             def on_frame(frame, latency: float) -> None:
                 progress.update(task, advance=1, status=f"{latency:.1f} ms  {escape(frame.name)}")
 
-            report = session.run(on_frame=on_frame)
-        record_path = session.write_record()
+            try:
+                report = session.run(on_frame=on_frame)
+            finally:  # the record is written also when an error stops the run
+                record_path = session.write_record()
     summary = report.as_dict()
     latency = summary["latency_ms"]
     timing = f", {latency['p50']:.1f} ms per frame (p50), {summary['fps']:.1f} FPS" if latency else ""

@@ -137,9 +137,21 @@ class RunSession:
         return total if not limit else min(limit, total or limit)
 
     def run(self, on_frame: Optional[Callable[[Frame, float], None]] = None) -> StreamReport:
-        """Process every frame into the sink (closed at the end); Ctrl-C stops and keeps what was written."""
-        self.report = process(self.source, self.sink, self.dehaze, max_frames=self.options.max_frames,
-                              on_frame=on_frame)  # fmt: skip
+        """Process every frame into the sink (closed at the end); Ctrl-C stops and keeps what was written.
+
+        An error that stops the run (a video frame of another size, a backend with nothing left
+        to fall back to) is kept in the report's ``error`` and raised again; :meth:`write_record`
+        still records what was done.
+        """
+        from .backends import first_line
+
+        self.report = StreamReport()
+        try:
+            process(self.source, self.sink, self.dehaze, max_frames=self.options.max_frames, on_frame=on_frame,
+                    report=self.report)  # fmt: skip
+        except Exception as exc:
+            self.report.error = first_line(exc)
+            raise
         return self.report
 
     def record(self) -> dict[str, Any]:

@@ -283,6 +283,7 @@ class StreamReport:
     interrupted: bool = False
     seconds: float = 0.0
     latency_ms: list[float] = field(default_factory=list)
+    error: Optional[str] = None
 
     def as_dict(self) -> dict[str, Any]:
         latency = np.asarray(self.latency_ms, dtype=np.float64)
@@ -298,6 +299,7 @@ class StreamReport:
             "frames": self.frames,
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
             "interrupted": self.interrupted,
+            "error": self.error,
             "seconds": round(self.seconds, 3),
             "fps": (self.frames / self.seconds) if self.seconds > 0 else None,
             "latency_ms": stats,
@@ -310,6 +312,7 @@ def process(
     dehaze: Callable[[np.ndarray], np.ndarray],
     max_frames: int = 0,
     on_frame: Optional[Callable[[Frame, float], None]] = None,
+    report: Optional[StreamReport] = None,
 ) -> StreamReport:
     """Run ``dehaze`` over ``source`` into ``sink``; Ctrl-C stops cleanly and keeps what was written.
 
@@ -321,8 +324,10 @@ def process(
             arrives are not written.
         max_frames: stop after this many frames (0: all).
         on_frame: called with each frame and its latency in ms (progress bars).
+        report: the :class:`StreamReport` to fill in (a new one when None): the caller keeps
+            the counts even when an error stops the run.
     """
-    report = StreamReport()
+    report = report if report is not None else StreamReport()
     started = time.perf_counter()
     batch = int(getattr(dehaze, "batch_size", 1) or 1) if hasattr(dehaze, "run_frames") else 1
     pending: list[Frame] = []

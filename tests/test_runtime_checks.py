@@ -233,6 +233,19 @@ def test_ctrl_c_during_a_video_keeps_frames_and_exits_130(exported, tmp_path, mo
     assert record["interrupted"] is True and record["frames"] == 3
 
 
+def test_an_error_mid_run_is_one_line_and_recorded(exported, tmp_path):
+    _, folder = exported
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), _frame(20, 24))
+    cv2.imwrite(str(frames / "b.png"), _frame(30, 30))  # another size: a video cannot take it
+    result = _invoke("-m", str(folder), "-i", str(frames), "-o", str(tmp_path / "out.avi"), "--precision", "fp32")
+    assert result.exit_code == 2 and "differs from the video's" in result.output and "Traceback" not in result.output
+    record = json.loads((tmp_path / "out.run.json").read_text())
+    assert record["frames"] == 1 and "differs from the video's 24x20" in record["error"]
+    assert _count_frames(tmp_path / "out.avi") == 1  # what was written is kept
+
+
 # --------------------------------------------------------------------------- choice of backend (#14.1)
 
 
