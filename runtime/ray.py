@@ -315,7 +315,7 @@ def run_fleet(
                                options.overwrite))  # fmt: skip
     items = [item for state in states for item in state.items]
     total = sum(state.todo for state in states)
-    record: dict[str, Any] = {"command": "run", "ray": None, "jobs": None, "models": []}
+    models: list[dict[str, Any]] = []
     report = StreamReport()
     started = time.perf_counter()
     stats = _Stats(0)
@@ -352,7 +352,7 @@ def run_fleet(
                              "cluster": {k: resources[k] for k in ("CPU", "GPU", "memory") if k in resources},
                              "worker_cpus": options.worker_cpus, "worker_gpus": worker_gpus})  # fmt: skip
             _schedule(ray, actors, items, states, options, stats, report, total, console, make_progress)
-            record["models"] = _describe(ray, actors)
+            models = _describe(ray, actors)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -361,16 +361,22 @@ def run_fleet(
     report.seconds = time.perf_counter() - started
     report.skipped = [pair for state in states for pair in state.skipped]
     ray_info["workers"] = stats.as_list(report.seconds)
-    record.update({
-        "input": {"spec": jobs[0].input if len(jobs) == 1 else f"{len(jobs)} inputs", "kind": states[0].kind
-                  if len(jobs) == 1 else "manifest", "total": sum(s.total for s in states), "fps": states[0].fps},
-        "output": jobs[0].output if len(jobs) == 1 else None,
+    single = len(jobs) == 1
+    dehazer = options.dehazer
+    return {  # the keys of a one-process run.json (runtime.session), then the fleet's own
+        "command": "run",
+        "input": {"spec": jobs[0].input if single else f"{len(jobs)} inputs",
+                  "kind": states[0].kind if single else "manifest",
+                  "total": sum(s.total for s in states), "fps": states[0].fps if single else None},
+        "output": jobs[0].output if single else None,
+        "options": {**{k: dehazer.get(k) for k in ("prefer", "precision", "providers", "verify", "tile", "threads")},
+                    "overwrite": options.overwrite, "max_frames": 0},
+        "models": models,
         "switch": None,
         **report.as_dict(),
         "ray": ray_info,
         "jobs": [state.summary() for state in states],
-    })  # fmt: skip
-    return record
+    }  # fmt: skip
 
 
 def _describe(ray, actors: list) -> list[dict[str, Any]]:

@@ -276,6 +276,17 @@ def test_run_ray_joins_a_running_cluster_in_a_process_without_torch(cluster, inp
     _same_video(_single(inputs, inputs["video"], tmp_path / "ref.mp4", inputs["model_a"]), tmp_path / "out.mp4")
     record = json.loads((tmp_path / "out.run.json").read_text())
     assert record["ray"]["address"] == ray.get_runtime_context().gcs_address and record["ray"]["items"] > 1
+    # the same record as a one-process run, plus the fleet's keys
+    from typer.testing import CliRunner
+
+    from bilalora.cli.app import app
+
+    one = CliRunner().invoke(app, ["run", "-m", str(inputs["model_a"]), "-i", str(inputs["video"]), "-o",
+                                   str(tmp_path / "one.mp4"), "--threads", "1"])  # fmt: skip
+    assert one.exit_code == 0, one.output
+    single = json.loads((tmp_path / "one.run.json").read_text())
+    assert set(single) <= set(record) and set(single["input"]) == set(record["input"])
+    assert single["frames"] == record["frames"] == 30
 
 
 def test_bad_files_are_skipped_and_named_as_in_one_process(cluster, inputs, tmp_path):
