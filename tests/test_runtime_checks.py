@@ -529,3 +529,35 @@ def test_info_lists_cuda_majors():
     for piece in ("torch", "onnxruntime-gpu", "tensorrt", "cuda-python"):
         assert f"CUDA major: {piece}" in result.output
     assert "CPU bf16 (OpenVINO)" in result.output
+
+
+def test_fixed_shape_batch_export_runs_in_batches(tmp_path):
+    """`export --shape 32x32 --batch 2` end to end: the runtime sends exactly 2 windows per call and matches PyTorch."""
+    import torch
+    from safetensors.torch import save_file
+
+    from bilalora import backbones
+    from bilalora.export.pipeline import ExportOptions, run_export
+
+    torch.manual_seed(5)
+    model = backbones.create("dea-net-t").eval()
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    run_export(ExportOptions(base=True, backbone="dea-net-t", weights=str(weights), out=tmp_path / "export",
+                             shape="32x32", batch=2, slim=False))  # fmt: skip
+    dehaze = Dehazer(tmp_path / "export", precision="fp32")
+    assert dehaze.batch_size == 2 and dehaze.backend.fixed_hw == (32, 32)
+    shapes = []
+    real_run = dehaze.backend.run
+    dehaze.backend.run = lambda batch: shapes.append(batch.shape) or real_run(batch)
+    frames = [_frame(24, 28, seed=i) for i in range(3)]
+    outs = dehaze.run_frames(frames)
+    assert shapes == [(2, 3, 32, 32), (2, 3, 32, 32)]  # 3 frames: one full batch, one padded
+    for out, frame in zip(outs, frames):
+        # what the runtime must compute: RGB [0, 1], edge-padded bottom-right to the fixed 32x32, run, crop, round
+        rgb = torch.from_numpy(frame[:, :, ::-1].copy()).permute(2, 0, 1)[None].float() / 255
+        padded = torch.nn.functional.pad(rgb, (0, 32 - 28, 0, 32 - 24), mode="replicate")
+        with torch.no_grad():
+            ref = model(padded)[..., :24, :28].clamp(0, 1)
+        ref = (ref[0].permute(1, 2, 0).numpy()[:, :, ::-1] * 255).round().astype(np.uint8)
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
