@@ -17,7 +17,6 @@ from conftest import run_without_torch, write_hazy_images  # tests/ is on sys.pa
 
 from bilalora.errors import UserError
 
-ray = pytest.importorskip("ray")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -157,10 +156,11 @@ def test_fleet_modules_are_torch_free_and_ray_is_lazy():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A 2-CPU local Ray cluster for this module, shut down at the end."""
+    """A 2-CPU local Ray cluster for this module, shut down at the end (its address is yielded)."""
+    ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the crash-once factory below
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
@@ -262,7 +262,7 @@ def test_run_ray_joins_a_running_cluster_in_a_process_without_torch(cluster, inp
             str(tmp_path / "out.mp4"), "--threads", "1", "--chunk-frames", "5"]  # fmt: skip
     code = (
         "import os, sys\n"
-        f"os.environ['RAY_ADDRESS'] = {ray.get_runtime_context().gcs_address!r}\n"
+        f"os.environ['RAY_ADDRESS'] = {cluster!r}\n"
         f"sys.argv = {argv!r}\n"
         "from bilalora.cli.app import main\n"
         "try:\n"
@@ -275,7 +275,7 @@ def test_run_ray_joins_a_running_cluster_in_a_process_without_torch(cluster, inp
     assert "NO TORCH" in done.stdout and "run --ray:" in done.stdout
     _same_video(_single(inputs, inputs["video"], tmp_path / "ref.mp4", inputs["model_a"]), tmp_path / "out.mp4")
     record = json.loads((tmp_path / "out.run.json").read_text())
-    assert record["ray"]["address"] == ray.get_runtime_context().gcs_address and record["ray"]["items"] > 1
+    assert record["ray"]["address"] == cluster and record["ray"]["items"] > 1
     # the same record as a one-process run, plus the fleet's keys
     from typer.testing import CliRunner
 
