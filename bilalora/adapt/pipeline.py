@@ -349,9 +349,11 @@ def _save_artefact(state: AdaptState, meta: dict, run_dir: Path) -> tuple[Path, 
 def _warn(summary: dict, separation: dict | None, config: AdaptConfig, say) -> None:
     """One line each: a top-k within the noise of the search; an adapted model that barely moved."""
     if separation and separation["within_noise"]:
-        say(f"[yellow]warning:[/] the top-{config.top_k} is within noise: gate gap {separation['gap']:.2e} between "
-            f"{separation['kth']} and {separation['next']} is below the gates' spread {separation['spread']:.2e} "
-            "over the last search steps; raise --search-steps or --gate-lr")
+        spread = f"{separation['spread']:.2e}" if separation["spread"] is not None else "unknown"
+        say(f"[yellow]warning:[/] the top-{config.top_k} is within noise: the gap between {separation['kth']} and "
+            f"{separation['next']} is {separation['gap']:.2e} against the gates' jitter {spread}, and the top-"
+            f"{config.top_k} held for the last {separation['stable_readings']} of {separation['readings']} gate "
+            "readings; raise --search-steps or --gate-lr")
     if summary["negligible_change"]:
         moved = summary["movement"]
         say(f"[yellow]warning:[/] the adapted model barely differs from the base (mean |change| "

@@ -59,35 +59,59 @@ def _is_channels_last(model: nn.Module) -> bool:
 def gate_separation(trajectory: dict, top_k: int, tail: float = 0.25) -> dict | None:
     """How clearly the search separated its top-k sites from the rest.
 
-    ``gap`` is the k-th highest final gate minus the (k+1)-th; ``spread`` the
-    median, over sites, of each gate's range (max - min) over the last ``tail``
-    of the gate readings (at least two readings). When the gap is smaller than
-    the spread the top-k is within the noise of the search: a few more or fewer
-    steps could have picked other sites.
+    Over the last ``tail`` of the gate readings (at least three), each gate's
+    values are fitted with a straight line; what is left is the jitter of that
+    gate (a steady drift, which is how an optimiser moves a gate that keeps
+    winning, is not noise). ``spread`` is the median over sites of twice the
+    residuals' standard deviation. ``gap`` is the k-th highest final gate minus
+    the (k+1)-th. The top-k is *within noise* when the gap is smaller than the
+    spread, or when the top-k set changed during that last stretch: a few more
+    or fewer steps could then have picked other sites.
 
     Args:
         trajectory: ``{"steps": [...], "values": {site: [...]}}`` as kept by the run.
 
     Returns:
-        {"k", "gap", "spread", "within_noise", "kth", "next", "readings"}, or None without gates.
+        {"k", "gap", "spread", "stable_readings", "within_noise", "kth", "next", "readings"}
+        (``stable_readings``: how many of the last readings had today's top-k set), or None without gates.
     """
     values = trajectory.get("values") or {}
     if not values:
         return None
+    readings = len(trajectory["steps"])
     final = sorted(((series[-1], name) for name, series in values.items()), reverse=True)
     if top_k >= len(final):
-        return {"k": top_k, "gap": None, "spread": None, "within_noise": False, "kth": final[-1][1], "next": None,
-                "readings": len(trajectory["steps"])}
+        return {"k": top_k, "gap": None, "spread": None, "stable_readings": readings, "within_noise": False,
+                "kth": final[-1][1], "next": None, "readings": readings}
     gap = final[top_k - 1][0] - final[top_k][0]
-    readings = len(trajectory["steps"])
-    spread = None
-    if readings >= 2:
-        window = max(2, math.ceil(tail * readings))
-        ranges = sorted(max(series[-window:]) - min(series[-window:]) for series in values.values())
-        middle = len(ranges) // 2
-        spread = ranges[middle] if len(ranges) % 2 else 0.5 * (ranges[middle - 1] + ranges[middle])
-    return {"k": top_k, "gap": gap, "spread": spread, "within_noise": spread is not None and gap < spread,
+    window = min(readings, max(3, math.ceil(tail * readings)))
+    spread = _median([2 * _residual_std(series[-window:]) for series in values.values()]) if window >= 3 else None
+    chosen = {name for _, name in final[:top_k]}
+    stable = 0
+    for index in range(readings - 1, -1, -1):
+        at = sorted(values, key=lambda name: -values[name][index])[:top_k]
+        if set(at) != chosen:
+            break
+        stable += 1
+    within = (spread is not None and gap < spread) or stable < window
+    return {"k": top_k, "gap": gap, "spread": spread, "stable_readings": stable, "within_noise": within,
             "kth": final[top_k - 1][1], "next": final[top_k][1], "readings": readings}
+
+
+def _residual_std(series: list[float]) -> float:
+    """Standard deviation of ``series`` around its least-squares straight line (index as x)."""
+    n = len(series)
+    mean_x, mean_y = (n - 1) / 2, sum(series) / n
+    sxx = sum((i - mean_x) ** 2 for i in range(n))
+    slope = sum((i - mean_x) * (y - mean_y) for i, y in enumerate(series)) / sxx
+    residuals = [y - (mean_y + slope * (i - mean_x)) for i, y in enumerate(series)]
+    return math.sqrt(sum(r * r for r in residuals) / n)
+
+
+def _median(items: list[float]) -> float:
+    ordered = sorted(items)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
 
 
 def plot_results(run_dir: Path, trajectory: dict, selected: list[str] | None, search_steps: int) -> Path | None:
