@@ -50,6 +50,7 @@ __all__ = [
     "Split",
     "StepCrops",
     "eval_batches",
+    "image_subset",
     "resolve_schedule",
     "split_images",
 ]
@@ -231,12 +232,5 @@ def image_subset(paths: list[Path], by_path: dict[Path, np.ndarray], what: str) 
     try:
         return [by_path[p] for p in paths]
     except KeyError as missing:
-        raise UserError(f"cannot resume: {what} image {missing} of the interrupted run is gone from the folder") \
-            from None
-
-
-def resolve_split(folder, run_dir: Path, config: AdaptConfig, resume: bool, saved: dict | None) -> Split:
-    """The run's split: the interrupted run's (``saved``) on resume, else a new one."""
-    if resume and saved is not None:
-        return Split.from_record(saved, Path(folder.folder))
-    return split_images(folder.paths, config.seed, config.test_fraction)
+        raise UserError(f"cannot resume: {what} image {missing.args[0]} of the interrupted run is gone from the "
+                        "folder (or unreadable now)") from None
