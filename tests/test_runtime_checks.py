@@ -246,6 +246,42 @@ def test_an_error_mid_run_is_one_line_and_recorded(exported, tmp_path):
     assert _count_frames(tmp_path / "out.avi") == 1  # what was written is kept
 
 
+def test_real_sigint_during_a_video_run(exported, tmp_path):
+    """A real Ctrl-C (SIGINT to the process) while `bilalora run` writes a video: exit 130, frames and record kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, folder = exported
+    clip = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (128, 96))
+    for index in range(2000):
+        writer.write(np.full((96, 128, 3), (7 * index) % 256, np.uint8))
+    writer.release()
+    out = tmp_path / "out" / "clear.avi"
+    process_ = subprocess.Popen(
+        [sys.executable, "-m", "bilalora.cli.app", "run", "-m", str(folder), "-i", str(clip), "-o", str(out),
+         "--precision", "fp32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process_.poll() is None:
+        if list(out.parent.glob(".clear.*.tmp.avi")):  # the sink has started writing frames
+            time.sleep(1.0)
+            break
+        time.sleep(0.1)
+    if process_.poll() is not None:
+        pytest.skip("the run finished before it could be interrupted (machine too fast for 2000 frames)")
+    process_.send_signal(signal.SIGINT)
+    output, _ = process_.communicate(timeout=120)
+    assert process_.returncode == 130, output
+    record = json.loads((out.parent / "clear.run.json").read_text())
+    assert record["interrupted"] is True and 0 < record["frames"] < 2000
+    assert _count_frames(out) == record["frames"]
+    assert not list(out.parent.glob(".clear.*"))  # no temporary file left
+
+
 # --------------------------------------------------------------------------- choice of backend (#14.1)
 
 
