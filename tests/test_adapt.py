@@ -476,3 +476,18 @@ def test_no_test_split_scores_the_validation_half(tmp_path, hazy_folder):
     result = adapt(_model(), hazy_folder, ToyObjective(), _config(test_fraction=0.0), tmp_path / "run")
     assert result.summary["movement"]["split"] == "val" and result.summary["data"]["test"] == 0
     assert json.loads((tmp_path / "run" / "split.json").read_text())["test"] == []
+
+
+def test_lora_start_depends_on_the_seed_only(tmp_path, hazy_folder):
+    """LoRA factors start from --seed on the CPU generator, whatever the caller did with torch's global RNG."""
+    config = _config(steps=1, search_steps=1)
+    model = _model()
+    torch.manual_seed(12345)
+    first = adapt(model, hazy_folder, ToyObjective(), config, tmp_path / "a").adapter
+    model = _model()
+    torch.rand(1000)  # the global generator is elsewhere now
+    second = adapt(model, hazy_folder, ToyObjective(), _config(steps=1, search_steps=1), tmp_path / "b").adapter
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
+    third = adapt(_model(), hazy_folder, ToyObjective(), _config(steps=1, search_steps=1, seed=1), tmp_path / "c")
+    assert any(not torch.equal(first.tensors[k], third.adapter.tensors[k]) for k in first.tensors
+               if k in third.adapter.tensors) or list(third.adapter.sites) != list(first.sites)
