@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageDecodeError",
     "ImageFolder",
+    "as_rgb01",
     "downsize",
     "is_image_path",
     "list_images",
@@ -59,6 +60,31 @@ class ImageDecodeError(UserError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot decode image {self.path}: {reason}")
+
+
+def as_rgb01(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """An in-memory RGB image as ``float32`` ``(H, W, 3)`` in ``[0, 1]``.
+
+    ``uint8`` is divided by 255; float is clipped to [0, 1] (NaN -> 0, +inf -> 1, -inf -> 0).
+
+    Args:
+        image: ``(H, W, 3)`` ``uint8`` or float array.
+        what: who asks, named in errors (e.g. ``"DCP"``).
+
+    Raises:
+        UserError: not ``(H, W, 3)``, empty, or neither ``uint8`` nor float.
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise UserError(f"{what}: expected an HxWx3 RGB image, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise UserError(f"{what}: empty image of shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise UserError(f"{what}: expected float32 in [0, 1] or uint8, got dtype {arr.dtype}")
+    out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(out, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- listing

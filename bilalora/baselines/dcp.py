@@ -23,24 +23,10 @@ import cv2
 import numpy as np
 
 from ..errors import UserError
+from ..images import as_rgb01
 from ..metrics.haze import atmospheric_light, min_filter
 
 __all__ = ["DCP", "DCPResult", "dark_channel", "dcp_estimate", "dehaze_dcp", "guided_filter"]
-
-
-def _as_rgb01(image: np.ndarray) -> np.ndarray:
-    """float32 (H, W, 3) in [0, 1] from float [0, 1] or uint8 (divided by 255)."""
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise UserError(f"DCP: expected an HxWx3 RGB image, got shape {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise UserError(f"DCP: empty image of shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UserError(f"DCP: expected float32 in [0, 1] or uint8, got dtype {arr.dtype}")
-    out = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(out, 0.0, 1.0)
 
 
 def dark_channel(image: np.ndarray, patch: int = 15) -> np.ndarray:
@@ -120,7 +106,7 @@ def dcp_estimate(
         raise UserError(f"DCP: t0 must be in (0, 1], got {t0}")
     if not 0.0 < top_fraction <= 1.0:
         raise UserError(f"DCP: top_fraction must be in (0, 1], got {top_fraction}")
-    img = _as_rgb01(image)
+    img = as_rgb01(image, "DCP")
     dark = dark_channel(img, patch)
     airlight = atmospheric_light(img, dark, top_fraction)
     airlight = np.maximum(airlight, 1e-3).astype(np.float32)  # a black image must not divide by 0

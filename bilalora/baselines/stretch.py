@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import UserError
+from ..images import as_rgb01
 
 __all__ = ["MIN_RANGE", "STRETCHES", "stretch_channels", "stretch_global"]
 
@@ -31,17 +32,6 @@ __all__ = ["MIN_RANGE", "STRETCHES", "stretch_channels", "stretch_global"]
 MIN_RANGE = 1.0 / 255.0
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _as_rgb01(image: np.ndarray) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise UserError(f"contrast stretch: expected an HxWx3 RGB image, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise UserError(f"contrast stretch: expected uint8 or float in [0, 1], got {arr.dtype}")
-    return np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0)
 
 
 def _check_percentiles(low: float, high: float) -> None:
@@ -66,7 +56,7 @@ def stretch_channels(image: np.ndarray, low: float = 1.0, high: float = 99.0) ->
         ``float32`` ``(H, W, 3)`` in [0, 1].
     """
     _check_percentiles(low, high)
-    rgb = _as_rgb01(image)
+    rgb = as_rgb01(image, "contrast stretch")
     flat = rgb.reshape(-1, 3)
     lo, hi = np.percentile(flat, [low, high], axis=0)
     out = np.stack([_affine(rgb[..., c], float(lo[c]), float(hi[c])) for c in range(3)], axis=-1)
@@ -84,7 +74,7 @@ def stretch_global(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> n
         ``float32`` ``(H, W, 3)`` in [0, 1].
     """
     _check_percentiles(low, high)
-    rgb = _as_rgb01(image)
+    rgb = as_rgb01(image, "contrast stretch")
     luma = rgb @ _LUMA
     lo, hi = np.percentile(luma, [low, high])
     out = _affine(rgb, float(lo), float(hi))
