@@ -13,9 +13,10 @@
 4. For each worker count k: a fresh local Ray cluster with k CPUs (or the cluster at
    ``--address``), ``run_fleet`` with k one-CPU workers (one onnxruntime thread each) over
    the video; the output must be frame-identical to the one-process output. Rates are
-   frames / wall seconds of the whole call (scheduling, actor start, model load, decode,
-   reassembly and encode included) and the sum of the workers' busy rates (frames / time
-   inside their items: what the workers sustain once started).
+   frames / the run's seconds in its record (from starting the workers to the last frame
+   written: worker start, model load, decode, dehazing, reassembly and encode; planning and
+   cluster start excluded) and the sum of the workers' busy rates (frames / time inside
+   their items, model load excluded: what the workers sustain once started).
 5. Times ``Dehazer`` on one ``--latency-size`` frame (default 1080x1920), wall and processor
    time, and computes the device-hours (and, on a CPU, core-hours) that one hour of 30 FPS
    video needs at that latency, one frame at a time.

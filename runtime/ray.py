@@ -324,7 +324,10 @@ def run_fleet(
                                 "resumed_outputs": sum(s.done_outputs for s in states), "notes": []}  # fmt: skip
     if items:
         ray = import_ray()
+        connecting = time.perf_counter()
         started_cluster = _connect(ray, options)
+        ray_info["connect_seconds"] = round(time.perf_counter() - connecting, 3)
+        started = time.perf_counter()  # the run's seconds: workers starting, loading, working (not the cluster)
         actors: list = []
         try:
             resources = ray.cluster_resources()
