@@ -224,10 +224,8 @@ def run_stages(
                     entry = _log_window(state, stage, window, log_path)
                     status = f"loss {entry.get('train_loss', float('nan')):.4f}"
                 progress.advance(status)
-                if state.checkpoint_due() and not len(window):
-                    state.save(run_dir)
-                elif state.checkpoint_due():
-                    _log_window(state, stage, window, log_path)
+                if state.checkpoint_due():
+                    _log_window(state, stage, window, log_path)  # the log reaches the checkpoint's step
                     state.save(run_dir)
                 if on_step is not None:
                     on_step(state.global_step, entry or {"step": state.global_step, "stage": stage})
