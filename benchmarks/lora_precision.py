@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bilalora import backbones, lora, sites  # noqa: E402
-from bilalora.images import downsize, list_images, load_image  # noqa: E402
-from bilalora.io import write_json  # noqa: E402
-from bilalora.objectives import build_objective  # noqa: E402
-from bilalora.search import _loss  # noqa: E402
+from bilalora import backbones, lora, sites
+from bilalora.images import downsize, list_images, load_image
+from bilalora.io import write_json
+from bilalora.objectives import build_objective
+from bilalora.search import _loss
 
 
 def naive_forward(self, x):
@@ -46,16 +46,16 @@ def naive_forward(self, x):
     return self._apply_weight(x, self.effective_weight(), self.base.bias)
 
 
-BRANCH_FORWARD = lora._LoRALayer.forward
+BRANCH_FORWARD = lora.LoRALayer.forward
 
 
 @contextlib.contextmanager
 def mode(name):
-    lora._LoRALayer.forward = naive_forward if name == "naive" else BRANCH_FORWARD
+    lora.LoRALayer.forward = naive_forward if name == "naive" else BRANCH_FORWARD
     try:
         yield
     finally:
-        lora._LoRALayer.forward = BRANCH_FORWARD
+        lora.LoRALayer.forward = BRANCH_FORWARD
 
 
 def main(argv=None) -> dict:
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
             for path, layer in layers.items():
                 layer.lora_B.copy_(direction[path] * rel)
 
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     record = {"benchmark": "lora_precision", "how": "python benchmarks/lora_precision.py", "backbone": args.backbone,
               "images": len(paths), "crop": args.crop, "machine": platform.machine(), "torch": torch.__version__,
               "layers": len(layers), "survival": {}, "gradient_cosine_vs_fp32": {}, "seconds_fwd_bwd_bf16": {}}

@@ -48,11 +48,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bilalora import backbones, lora, sites  # noqa: E402
-from bilalora.images import downsize, list_images, load_image  # noqa: E402
-from bilalora.io import write_json  # noqa: E402
-from bilalora.objectives import build_objective  # noqa: E402
-from bilalora.search import (  # noqa: E402
+from bilalora import backbones, lora, sites
+from bilalora.images import downsize, list_images, load_image
+from bilalora.io import write_json
+from bilalora.objectives import build_objective
+from bilalora.search import (
     OptimConfig,
     bilevel_step,
     joint_step,

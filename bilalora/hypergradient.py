@@ -50,11 +50,11 @@ device without host synchronisation (the dot products are one fused reduction).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["VARIANTS", "implicit_coefficient", "estimate", "exact_ift"]
+__all__ = ["VARIANTS", "estimate", "exact_ift", "implicit_coefficient"]
 
 #: Hypergradient estimators: the paper's rank-one IFT, the release's, and the direct gradient.
 VARIANTS = ("ift", "release", "direct")

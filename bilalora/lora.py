@@ -26,12 +26,12 @@ autocast: README, "Sites, LoRA and adapters"). Merging stays exact: the branch
 is linear in the weight.
 
 Merge and unmerge follow PEFT's ``tuners/lora/layer.py``: each layer has
-:meth:`~_LoRALayer.get_delta_weight`, :meth:`~_LoRALayer.merge` (with
-``safe_merge`` refusing non-finite weights), :meth:`~_LoRALayer.unmerge` and a
+:meth:`LoRALayer.get_delta_weight`, :meth:`LoRALayer.merge` (with
+``safe_merge`` refusing non-finite weights), :meth:`LoRALayer.unmerge` and a
 ``merged`` flag, so an adapter can be folded in and taken out of a live model;
 ``enabled`` switches a layer's LoRA off without touching its factors.
 
-Injection replaces ``site.conv1`` by a :class:`LoRAConv2d` holding the original
+The layers live in :mod:`bilalora.lora_layers`. Injection replaces ``site.conv1`` by a :class:`LoRAConv2d` holding the original
 conv as ``.base``; the site module gets one :class:`SiteGate` as
 ``.lora_gate``. :func:`merge` (merge then :func:`strip`) and :func:`strip`
 restore the original module tree (same state-dict keys and shapes as the base
@@ -42,212 +42,45 @@ place, keeping the kept layers' parameter objects.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .lora_layers import LoRAConv2d, LoRALayer, LoRALinear, SiteGate
 from .sites import Site
 
 __all__ = [
-    "SiteGate",
+    "GATE_ATTR",
     "LoRAConv2d",
+    "LoRALayer",
     "LoRALinear",
-    "inject",
-    "freeze_base",
-    "lora_layers",
-    "site_gates",
-    "lora_parameters",
-    "gate_parameters",
-    "lora_state_dict",
-    "load_lora_state_dict",
-    "gate_values",
-    "gate_tensor",
-    "set_gate_values",
-    "merge",
-    "merge_adapter",
-    "unmerge_adapter",
-    "set_enabled",
-    "strip",
-    "remove_sites",
-    "keep_sites",
+    "SiteGate",
     "base_state_dict",
     "count_parameters",
-    "GATE_ATTR",
+    "freeze_base",
+    "gate_parameters",
+    "gate_tensor",
+    "gate_values",
+    "inject",
+    "keep_sites",
+    "load_lora_state_dict",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge",
+    "merge_adapter",
+    "remove_sites",
+    "set_enabled",
+    "set_gate_values",
+    "site_gates",
+    "strip",
+    "unmerge_adapter",
 ]
 
 GATE_ATTR = "lora_gate"
 _GATE_HANDLE = "_lora_site_gate"
-
-
-class SiteGate:
-    """The gate of one site: ``sigmoid(logit)``, or the constant 1 when ungated.
-
-    The logit is a 0-d ``nn.Parameter`` registered on the site module as
-    ``lora_gate`` (a parameter, not a child module, so containers such as
-    ``nn.Sequential`` keep iterating only their layers); this object is the
-    handle the site's LoRA layers share.
-
-    Args:
-        logit: initial logit (0, i.e. gate 0.5).
-        gated: False for plain LoRA (the ``manual`` baseline): value() is 1.
-    """
-
-    def __init__(self, logit: float = 0.0, gated: bool = True, device=None):
-        self.logit = nn.Parameter(torch.tensor(float(logit), device=device), requires_grad=gated)
-        self.gated = gated
-
-    def value(self) -> torch.Tensor:
-        """The gate as a 0-d tensor in (0, 1) (or exactly 1 when ungated)."""
-        if not self.gated:
-            return torch.ones((), dtype=self.logit.dtype, device=self.logit.device)
-        return torch.sigmoid(self.logit)
-
-    def __repr__(self) -> str:
-        return f"SiteGate(gated={self.gated}, value={float(self.value()):.4f})"
-
-
-class _LoRALayer(nn.Module):
-    """Shared logic of LoRA layers: the factors, the delta, merge/unmerge, the forward pass."""
-
-    base: nn.Module
-    lora_A: nn.Parameter
-    lora_B: nn.Parameter
-
-    def __init__(self, base: nn.Module, rank: int, lora_alpha: float, gate: SiteGate, a_shape, b_shape,
-                 generator: Optional[torch.Generator] = None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = base
-        weight = base.weight
-        self.rank = rank
-        self.lora_alpha = float(lora_alpha)
-        self.scale = self.lora_alpha / rank
-        # kaiming_uniform_(a=sqrt(5)) on a (rows, cols) matrix is U(-1/sqrt(cols), 1/sqrt(cols)); drawn on the
-        # CPU (the global generator unless one is given), so the start does not depend on the weight's device.
-        bound = 1.0 / math.sqrt(a_shape[1])
-        init = torch.empty(a_shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        self.lora_A = nn.Parameter(init.to(device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(weight.new_zeros(b_shape))
-        self.merged = False
-        self.enabled = True
-        # The gate belongs to the site module; keep a reference without registering it here.
-        object.__setattr__(self, "_gate", gate)
-
-    @property
-    def gate(self) -> SiteGate:
-        return self._gate
-
-    # ------------------------------------------------------------------ weights
-    def delta(self) -> torch.Tensor:
-        """The unscaled, ungated weight delta reshape(B @ A), shaped like the base weight."""
-        return (self.lora_B @ self.lora_A).view(self.base.weight.shape)
-
-    def get_delta_weight(self) -> torch.Tensor:
-        """gate * scale * reshape(B @ A): what merging adds to the base weight (float32, its shape)."""
-        factor = self.gate.value().to(self.lora_B.dtype) * self.scale
-        return ((self.lora_B * factor) @ self.lora_A).view(self.base.weight.shape).to(self.base.weight.dtype)
-
-    def effective_weight(self) -> torch.Tensor:
-        """W + delta_W, shaped like the base weight (W itself once merged)."""
-        if self.merged:
-            return self.base.weight
-        return self.base.weight + self.get_delta_weight()
-
-    @torch.no_grad()
-    def merge(self, safe_merge: bool = True) -> None:
-        """Add delta_W to the base weight in place and mark the layer merged.
-
-        With ``safe_merge`` the sum is computed in a copy and checked for NaN/inf
-        first; a non-finite result raises a UserError and leaves the layer unchanged.
-        Merging a merged layer is a no-op.
-        """
-        if self.merged:
-            return
-        delta = self.get_delta_weight()
-        if safe_merge:
-            merged = self.base.weight + delta
-            if not bool(torch.isfinite(merged).all()):
-                raise UserError(f"cannot merge LoRA into {self._describe()}: the merged weight has NaN/inf values "
-                                "(a corrupt adapter or a diverged run)")
-            self.base.weight.copy_(merged)
-        else:
-            self.base.weight.add_(delta)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract delta_W from the base weight again (the inverse of :meth:`merge`, to float32 rounding).
-
-        The factors and gate must be those that were merged. Unmerging an unmerged layer is a no-op.
-        """
-        if not self.merged:
-            return
-        self.base.weight.sub_(self.get_delta_weight())
-        self.merged = False
-
-    # ------------------------------------------------------------------ forward
-    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
-            return self.base(x)
-        if torch.is_autocast_enabled(x.device.type):
-            # Separate branch: the delta is not rounded to the precision of W (see the module docstring).
-            base = self.base(x)
-            branch = self._apply_weight(x, self.get_delta_weight(), None)
-            return base.float() + branch.float()
-        return self._apply_weight(x, self.effective_weight(), self.base.bias)
-
-    def _describe(self) -> str:
-        return f"{type(self.base).__name__} with weight {tuple(self.base.weight.shape)}"
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, lora_alpha={self.lora_alpha:g}, merged={self.merged}, enabled={self.enabled}"
-
-
-class LoRAConv2d(_LoRALayer):
-    """Gated LoRA around an ``nn.Conv2d``. (N, C_in, H, W) -> (N, C_out, H', W') like the base."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, lora_alpha: float, gate: SiteGate,
-                 generator: Optional[torch.Generator] = None):
-        kernel_h, kernel_w = base.kernel_size
-        in_per_group = base.in_channels // base.groups
-        super().__init__(
-            base,
-            rank,
-            lora_alpha,
-            gate,
-            a_shape=(rank * kernel_h, in_per_group * kernel_w),
-            b_shape=(base.out_channels * kernel_h, rank * kernel_h),
-            generator=generator,
-        )
-
-    def _apply_weight(self, x, weight, bias):
-        return self.base._conv_forward(x, weight, bias)
-
-
-class LoRALinear(_LoRALayer):
-    """Gated LoRA around an ``nn.Linear``. (..., C_in) -> (..., C_out)."""
-
-    def __init__(self, base: nn.Linear, rank: int, lora_alpha: float, gate: SiteGate,
-                 generator: Optional[torch.Generator] = None):
-        super().__init__(
-            base,
-            rank,
-            lora_alpha,
-            gate,
-            a_shape=(rank, base.in_features),
-            b_shape=(base.out_features, rank),
-            generator=generator,
-        )
-
-    def _apply_weight(self, x, weight, bias):
-        return F.linear(x, weight, bias)
 
 
 def inject(
@@ -257,7 +90,7 @@ def inject(
     lora_alpha: float = 16.0,
     gated: bool = True,
     gate_logit: float = 0.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> dict[str, SiteGate]:
     """Wrap every layer of ``sites`` in gated LoRA, in place. Returns {site name: gate}.
 
@@ -271,7 +104,7 @@ def inject(
         for path in site.convs:
             parent, child_name = _parent_of(model, path)
             layer = getattr(parent, child_name)
-            if isinstance(layer, _LoRALayer):
+            if isinstance(layer, LoRALayer):
                 raise ValueError(f"layer {path} already carries LoRA")
             wrapper_type = LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear
             setattr(parent, child_name, wrapper_type(layer, rank, lora_alpha, gate, generator=generator))
@@ -293,9 +126,9 @@ def freeze_base(model: nn.Module) -> nn.Module:
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, _LoRALayer]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     """{layer path: LoRA layer} in module order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, _LoRALayer)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALayer)}
 
 
 def site_gates(model: nn.Module) -> dict[str, SiteGate]:
@@ -400,7 +233,7 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_enabled(model: nn.Module, enabled: bool, sites: Optional[Iterable[str]] = None) -> nn.Module:
+def set_enabled(model: nn.Module, enabled: bool, sites: Iterable[str] | None = None) -> nn.Module:
     """Switch LoRA on or off (all sites, or the sites named) without touching factors or gates.
 
     A disabled layer runs its base layer alone; a merged layer is unmerged first.
@@ -431,26 +264,33 @@ def merge(model: nn.Module, safe_merge: bool = True) -> nn.Module:
 def strip(model: nn.Module) -> nn.Module:
     """Remove LoRA wrappers and gates, in place. Merged layers keep their merged weight;
     unmerged ones return to the base weight (on an unmerged model: restores the base model)."""
-    return remove_sites(model, list(site_gates(model)), _all=True)
+    return _unwrap(model, None)
 
 
-def remove_sites(model: nn.Module, names: Iterable[str], _all: bool = False) -> nn.Module:
+def remove_sites(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """Unwrap the LoRA layers of the sites ``names`` and delete their gates, in place.
     A merged layer is unmerged first, so the base weight comes back unchanged."""
     names = set(names)
-    gates = site_gates(model)
-    unknown = names - set(gates)
+    unknown = names - set(site_gates(model))
     if unknown:
         raise KeyError(f"no LoRA site named {sorted(unknown)[0]!r}")
+    return _unwrap(model, names)
+
+
+def _unwrap(model: nn.Module, names: set[str] | None) -> nn.Module:
+    """Replace LoRA wrappers by their base layers and drop gates: of every site (``names`` None,
+    merged weights kept) or of the sites ``names`` (merged layers unmerged first)."""
+    gates = site_gates(model)
+    chosen = {id(gate) for name, gate in gates.items() if names is None or name in names}
     for path, layer in list(lora_layers(model).items()):
-        if _all or _site_of(gates, layer) in names:
-            if not _all:
+        if id(layer.gate) in chosen:
+            if names is not None:
                 layer.unmerge()
             parent, child_name = _parent_of(model, path)
             setattr(parent, child_name, layer.base)
     for module in model.modules():
         handle = module.__dict__.get(_GATE_HANDLE)
-        if handle is not None and (_all or any(handle is gates[n] for n in names)):
+        if handle is not None and id(handle) in chosen:
             del module.__dict__[_GATE_HANDLE]
             del module._parameters[GATE_ATTR]
     return model
@@ -492,7 +332,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _site_of(gates: Mapping[str, SiteGate], layer: _LoRALayer) -> Optional[str]:
+def _site_of(gates: Mapping[str, SiteGate], layer: LoRALayer) -> str | None:
     for name, gate in gates.items():
         if layer.gate is gate:
             return name

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,18 +46,18 @@ from .hypergradient import VARIANTS as HYPERGRADIENTS
 from .hypergradient import estimate
 
 __all__ = [
-    "OptimConfig",
-    "StepResult",
     "GATE_OPTIMIZERS",
     "HYPERGRADIENTS",
     "NormalizedGradient",
-    "make_lora_optimizer",
-    "make_gate_optimizer",
-    "hypergradient",
+    "OptimConfig",
+    "StepResult",
     "bilevel_step",
+    "hypergradient",
     "joint_step",
-    "train_step",
+    "make_gate_optimizer",
+    "make_lora_optimizer",
     "rank_sites",
+    "train_step",
 ]
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -120,10 +120,10 @@ class StepResult:
     """
 
     train_loss: torch.Tensor
-    val_loss: Optional[torch.Tensor] = None
-    grad_norm: Optional[torch.Tensor] = None
+    val_loss: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
     skipped: torch.Tensor | bool = False
-    gates: Optional[torch.Tensor] = None
+    gates: torch.Tensor | None = None
 
     def as_dict(self) -> dict:
         """Python floats (``skipped`` a bool, ``gates`` a list), read from the device in one transfer."""
@@ -170,7 +170,6 @@ class NormalizedGradient(torch.optim.Optimizer):
                 skip = found_inf > 0
                 updates = [torch.where(skip, torch.zeros_like(u), u) for u in updates]
             torch._foreach_add_(params, updates)
-        return None
 
 
 def make_lora_optimizer(params: Iterable[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
@@ -357,11 +356,11 @@ def _clip(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
 
 
-def _stack_grads(grads: Sequence[Optional[torch.Tensor]], params: Sequence[torch.Tensor]) -> torch.Tensor:
+def _stack_grads(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0)
     return torch.stack([_zero_if_none(x, p) for x, p in zip(grads, params)])
 
 
-def _zero_if_none(grad: Optional[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+def _zero_if_none(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(param) if grad is None else grad

@@ -160,8 +160,8 @@ def test_rank_one_estimator_equals_its_formula_by_hand():
     u = torch.randn(4, dtype=torch.float64)
     a2 = torch.randn(2, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    lower2 = lambda: 0.5 * (u @ w2 - 1.0 - a2.sum()) ** 2  # noqa: E731
-    upper2 = lambda: ((w2 - 1.0) ** 2).sum() + (a2 ** 2).sum()  # noqa: E731
+    lower2 = lambda: 0.5 * (u @ w2 - 1.0 - a2.sum()) ** 2
+    upper2 = lambda: ((w2 - 1.0) ** 2).sum() + (a2 ** 2).sum()
     (v2, d2) = torch.autograd.grad(upper2(), [w2, a2])
     g2, dfa2 = torch.autograd.grad(lower2(), [w2, a2])
     estimate = hg.estimate("ift", d2, dfa2, [v2], [g2], eps=0.0)
