@@ -33,7 +33,11 @@ Substituting in (1), with ``eps`` guarding |g| = 0:
 No learning rate appears. The approximation keeps only the component of v
 along g: when the validation gradient is aligned with the train gradient
 (c = <v,g>/|g|^2 > 0, the two halves agree), the gates are pushed against
-df/da, i.e. credit for what the lower level will do anyway is removed.
+df/da, i.e. credit for what the lower level will do anyway is removed. With
+both halves drawn from one distribution, v and g are equal in expectation
+(c ~ 1) and so are dF/da|_w and df/da: (2) then cancels most of the direct
+term, and the gates move on the difference between the halves' gradients
+(tests/test_search.py shows it on a toy problem).
 
 **The release's estimator** (``release``, BiLaLoRA_Train.py): the implicit
 term multiplied by the LoRA learning rate ``eta`` and added with a plus sign,
