@@ -97,6 +97,9 @@ def export_command(
         None, "--calib", help="Calibration images for --int8 (default: the adapted run's training images)."
     ),
     calib_images: int = typer.Option(16, "--calib-images", min=1, help="How many calibration images (16)."),
+    int8_min_psnr: Optional[float] = typer.Option(
+        None, "--int8-min-psnr", help="INT8 gate in dB (35); lower it only knowingly (recorded in model.json)."
+    ),
     openvino: bool = typer.Option(
         False, "--openvino", help="Also write OpenVINO model.xml/.bin (fp16 weights; run in bf16 where the CPU can)."
     ),
@@ -152,6 +155,7 @@ def export_command(
         int8=int8,
         calib=calib,
         calib_images=calib_images,
+        int8_min_psnr=int8_min_psnr,
         openvino=openvino,
         random_weights=random_weights,
         shape=shape,

@@ -101,6 +101,15 @@ def engine_parity(state: ExportState, model, engine_path: Path, precision: str, 
         cases,
         [np.asarray(o) for o in outputs],
         references,
-        gate_for("engine", precision),
+        _engine_gate(state, precision),
         "PyTorch fp32 (CUDA, TF32 off)",
     )
+
+
+def _engine_gate(state: ExportState, precision: str) -> dict:
+    """The engine's gate: PSNR >= 40 dB, INT8 35 dB (or ``--int8-min-psnr``)."""
+    from .parity import gate_for
+
+    if precision == "int8" and state.options.int8_min_psnr is not None:
+        return {"psnr_db": float(state.options.int8_min_psnr)}
+    return gate_for("engine", precision)

@@ -22,11 +22,15 @@ How the file is made (onnxruntime's static quantisation):
    kernels; onnxruntime runs them with its reference kernels.
 3. Parts of the network are kept in float when quantising them costs too much
    accuracy. :data:`KEEP_FLOAT_LADDER` lists the sets tried, smallest first
-   (nothing; the first and last convolutions; plus every sigmoid gate, i.e. the
-   pixel/channel attention and the fusion weights; plus the whole attention
-   and fusion sub-blocks); the first set whose graph passes the gate (PSNR >=
-   35 dB against the fp32 PyTorch output on every calibration *and* held-out
-   image) is kept, and model.json lists it with every attempt's PSNR.
+   (nothing; the first and last convolutions; plus the convolutions of the
+   attention and fusion sub-blocks); the first set whose graph passes the gate
+   (PSNR >= 35 dB against the fp32 PyTorch output on every calibration *and*
+   held-out image) is kept, and model.json lists it with every attempt's PSNR.
+   (The sigmoid gates and their products are never quantised: only
+   convolutions are.) Measured on the shipped dea-net-s with 16 real_day
+   calibration photos (``benchmarks/openvino_int8.py``): the worst image reached
+   27.6, 29.2 and 29.9 dB on the three sets (MinMax ranges: 16.5 dB), so
+   ``--int8`` refuses that network; per-image PSNR ranged up to 40 dB.
 
 Held-out images are the adapted run's validation/test images (``split.json``),
 else the ``--images`` folder, else the calibration folder's images after the
@@ -62,8 +66,7 @@ __all__ = [
 KEEP_FLOAT_LADDER: tuple[tuple[str, ...], ...] = (
     (),
     ("first_conv", "last_conv"),
-    ("first_conv", "last_conv", "sigmoid"),
-    ("first_conv", "last_conv", "sigmoid", "attention"),
+    ("first_conv", "last_conv", "attention"),
 )
 
 #: Side of the square calibration crops (percentile calibration needs equally sized inputs).
@@ -235,6 +238,7 @@ def quantize_int8(
     references: Sequence[np.ndarray],
     ladder: Sequence[Sequence[str]] = KEEP_FLOAT_LADDER,
     log=None,
+    min_psnr: Optional[float] = None,
 ) -> Int8Result:
     """Quantise ``fp32_onnx`` into ``out``, keeping in float the first ladder set that passes the gate.
 
@@ -244,6 +248,7 @@ def quantize_int8(
         calib_cases: equally sized (1, 3, H, W) real-image crops for the activation ranges (:func:`calibration_crops`).
         check_cases: the gate's inputs (calibration and held-out images).
         references: fp32 PyTorch outputs of ``check_cases``.
+        min_psnr: the gate in dB (None: :data:`.parity.INT8_MIN_PSNR`, 35 dB).
 
     Raises:
         ParityError: no ladder set passes (the file is removed; the message lists the PSNRs).
@@ -254,6 +259,7 @@ def quantize_int8(
     from .parity import ParityError
 
     start = time.perf_counter()
+    gate = {"psnr_db": float(min_psnr)} if min_psnr is not None else gate_for("onnx", "int8")
     attempts: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bilalora-int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -266,7 +272,7 @@ def quantize_int8(
             quantize_once(prepared, out, calib_cases, exclude)
             session = ort_session(out)
             outputs = [session.run(["output"], {"input": c.array})[0] for c in check_cases]
-            result = evaluate(out.name, "int8", check_cases, outputs, references, gate_for("onnx", "int8"))
+            result = evaluate(out.name, "int8", check_cases, outputs, references, gate)
             attempts.append(
                 {
                     "kept_float": list(parts),
@@ -283,6 +289,6 @@ def quantize_int8(
     out.unlink(missing_ok=True)
     tried = "; ".join(f"{'+'.join(a['kept_float']) or 'all int8'} {a['psnr_db']:.1f} dB" for a in attempts)
     raise ParityError(
-        f"parity gate failed for {out.name} (int8): no quantisation reached PSNR {gate_for('onnx', 'int8')['psnr_db']:g} "
+        f"parity gate failed for {out.name} (int8): no quantisation reached PSNR {gate['psnr_db']:g} "
         f"dB against PyTorch fp32 ({tried}); the file was removed. More or more varied --calib images may help"
     )

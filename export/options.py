@@ -33,6 +33,7 @@ class ExportOptions:
         int8: also write the calibrated QDQ ``model_int8.onnx`` (and an INT8 engine with ``trt``).
         calib: folder of calibration images (default: the adapted run's training images).
         calib_images: how many calibration images to use.
+        int8_min_psnr: the INT8 gate in dB (None: 35); a lower value is recorded in model.json with every number.
         openvino: also write OpenVINO ``model.xml``/``model.bin``.
         shape: "HxW" for a fixed input size; else dynamic with ``min_hw/opt_hw/max_hw``.
         dynamic: ask for a dynamic shape explicitly (the default without ``shape``).
@@ -61,6 +62,7 @@ class ExportOptions:
     int8: bool = False
     calib: Optional[Path] = None
     calib_images: int = 16
+    int8_min_psnr: Optional[float] = None
     openvino: bool = False
     shape: Optional[str] = None
     dynamic: bool = False

@@ -100,6 +100,11 @@ def run_export(options: ExportOptions, events: Optional[Events] = None) -> Expor
     source = resolve_source(options.adapter, options.base, options.backbone, options.weights, options.runs_root,
                             input_norm=options.input_norm)
     check_weights(source, options.random_weights)
+    if options.int8_min_psnr is not None and not (0 < options.int8_min_psnr <= 100):
+        raise UserError(f"--int8-min-psnr {options.int8_min_psnr}: give a PSNR in dB between 0 and 100")
+    if options.int8_min_psnr is not None and options.int8_min_psnr < 35:
+        events.warn(f"--int8-min-psnr {options.int8_min_psnr:g}: the INT8 gate is lowered below 35 dB "
+                    "(recorded in model.json); outputs may differ visibly from the fp32 model")  # fmt: skip
     if options.int8:
         from .int8 import calibration_split
 
@@ -162,7 +167,7 @@ def _export(state: ExportState, events: Events) -> None:
     tick = time.perf_counter()
     adapter, base = _load(state)
     model = base
-    cases = build_cases(options, state.profile)
+    cases = build_cases(options, state.profile, state.source.run)
     state.timed("load", time.perf_counter() - tick)
 
     model, references = _merge_step(state, events, model, adapter, base, cases)
@@ -218,8 +223,9 @@ def _load(state: ExportState):
     return adapter, base
 
 
-def build_cases(options: ExportOptions, profile: ShapeProfile) -> list[Case]:
-    """The parity inputs: random batches at ``parity_sizes`` (or the fixed shape), plus ``images``."""
+def build_cases(options: ExportOptions, profile: ShapeProfile, run: Optional[Path] = None) -> list[Case]:
+    """The parity inputs: random batches at ``parity_sizes`` (or the fixed shape), plus ``images`` (else
+    ``parity_images`` of the adapt ``run``'s held-out photos)."""
     from .parity import image_cases, random_cases
 
     if profile.dynamic:
@@ -233,7 +239,26 @@ def build_cases(options: ExportOptions, profile: ShapeProfile) -> list[Case]:
         fixed = (batch, height, width)
     if options.images is not None:
         cases += image_cases(options.images, count=options.parity_images, fixed=fixed)
+    elif run is not None and (Path(run) / "split.json").is_file():
+        cases += _held_out_cases(Path(run), options.parity_images, fixed)
     return cases
+
+
+def _held_out_cases(run: Path, count: int, fixed) -> list[Case]:
+    """Real photos for the gates when no --images is given: the run's held-out (test, then val) images."""
+    from bilalora.runs import read_split
+
+    from .parity import image_cases
+
+    try:
+        split = read_split(run)
+    except UserError:
+        return []
+    paths = [p for p in split.get("test", []) + split.get("val", []) if Path(p).is_file()][:count]
+    try:
+        return image_cases(paths, count=count, fixed=fixed) if paths else []
+    except UserError:
+        return []
 
 
 def _merge_step(state: ExportState, events: Events, model, adapter, base, cases):
@@ -346,7 +371,8 @@ def _int8_step(state: ExportState, events: Events, model) -> None:
     path = state.path(row.file)
     artefact = Artefact(row.file, path, row.format, row.precision, 0.0)
     try:
-        result = quantize_int8(state.path(by_key("onnx").file), path, calib_cases, check, references, log=events.info)
+        result = quantize_int8(state.path(by_key("onnx").file), path, calib_cases, check, references,
+                               log=events.info, min_psnr=options.int8_min_psnr)  # fmt: skip
     except ParityError:
         state.artefacts.append(artefact)
         raise
@@ -379,7 +405,19 @@ def _openvino_step(state: ExportState, events: Events, cases: list[Case], refere
     artefact = Artefact(row.file, path, row.format, row.precision, seconds)
     state.artefacts.append(artefact)
     tick = time.perf_counter()
-    artefact.parity = openvino_parity(path, cases, references)
+    result = openvino_parity(path, cases, references)
+    if not result.passed and result.details.get("inference_precision") == "bf16":
+        fallback = openvino_parity(path, cases, references, precision="f32")
+        if fallback.passed:
+            worst = min(result.cases, key=lambda c: c["psnr_db"])
+            fallback.details["bf16"] = {"passed": False, "psnr_db": result.psnr_db, "worst_input": worst["input"]}
+            state.warnings.append(
+                f"OpenVINO bf16 failed its gate ({result.psnr_db:.1f} dB on {worst['input']}); model.xml is gated "
+                "in f32, so the runtime does not pick it in bf16 unless asked (--precision bf16)"
+            )
+            events.warn(state.warnings[-1])
+            result = fallback
+    artefact.parity = result
     artefact.extra = {"weights": "fp16"}
     state.timed("parity", time.perf_counter() - tick)
     _gate(state, artefact)

@@ -135,6 +135,7 @@ class ExportState:
                 "batch": options.batch,
                 "images": str(options.images) if options.images else None,
                 "calib": str(options.calib) if options.calib else None,
+                "int8_min_psnr": options.int8_min_psnr,
                 "workspace_gb": options.workspace_gb if options.trt else None,
             },
             "timings": timings,
