@@ -77,7 +77,7 @@ def test_bench_chains_from_the_newest_run(workdir):
     assert rows[("adapted", "tensorrt")]["status"].startswith("skipped")
     for backend in ("onnx-int8", "openvino", "openvino-int8"):  # through the runtime's backends
         assert rows[("adapted", backend)]["status"] == "OK" and rows[("adapted", backend)]["ms"]["runs"] == 2, backend
-    assert rows[("adapted", "openvino")]["device"].startswith("OpenVINO")
+    assert "OpenVINO" in rows[("adapted", "openvino")]["device"]
     assert rows[("adapted", "onnx-int8")]["file"].endswith("model_int8.onnx")
     assert rows[("adapted", "openvino-int8")]["file"].endswith("model_int8.onnx")
     assert rows[("adapted", "onnx")]["ms"]["fps"] == pytest.approx(1000 / rows[("adapted", "onnx")]["ms"]["p50"])
@@ -340,35 +340,6 @@ def test_an_artefact_that_failed_its_gate_is_not_timed(workdir):
     assert "bilalora export --int8" in rows["onnx-int8"]["status"]
     assert "bilalora export --int8" in rows["openvino-int8"]["status"]
     assert all(rows[b]["ms"] is None for b in ("onnx-fp16", "onnx-int8", "openvino", "openvino-int8"))
-
-
-# --------------------------------------------------------------------------- classical rows
-
-
-def test_stretch_maps_percentiles_to_black_and_white():
-    rng = np.random.default_rng(1)
-    image = np.empty((64, 64, 3), np.uint8)
-    image[..., 0] = rng.integers(60, 120, (64, 64))
-    image[..., 1] = rng.integers(100, 200, (64, 64))
-    image[..., 2] = rng.integers(150, 160, (64, 64))
-    out = stretch_channels(image)
-    for channel in range(3):
-        lo, hi = np.percentile(out[..., channel], [1, 99])
-        assert lo <= 3 and hi >= 252  # each channel now spans the range
-    grey = stretch_global(image)
-    # one affine map for all channels (where nothing clipped): out = a * in + b with the same a, b
-    inside = ((grey > 0) & (grey < 255)).reshape(-1)
-    gain, offset = np.polyfit(image.reshape(-1)[inside].astype(float), grey.reshape(-1)[inside].astype(float), 1)
-    assert gain > 1.5 and np.abs(gain * image.reshape(-1)[inside] + offset - grey.reshape(-1)[inside]).max() <= 1.0
-    luma = image.astype(float) @ [0.299, 0.587, 0.114]
-    assert gain == pytest.approx(255 / np.subtract(*np.percentile(luma, [99, 1])), rel=0.01)
-    assert grey[..., 2].mean() > grey[..., 0].mean()  # the colour order is kept
-    flat = np.full((8, 8, 3), 77, np.uint8)
-    assert np.array_equal(stretch_channels(flat), flat) and np.array_equal(stretch_global(flat), flat)
-    floats = stretch_channels(image.astype(np.float32) / 255)
-    assert floats.dtype == np.float32 and np.abs(floats * 255 - out).max() <= 1.0
-    with pytest.raises(ValueError):
-        stretch_channels(image, 50, 40)
 
 
 def test_without_a_run_the_named_base_is_benchmarked_alone(tmp_path, monkeypatch):
