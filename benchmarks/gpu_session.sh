@@ -21,8 +21,9 @@
 #   2 adapt     the default `bilalora adapt --objective prior` on real_day (held-out test split kept)
 #   3 bench     base vs adapted on that run's held-out split (FADE & co., stretch rows, DCP) and the
 #               1080p latency in fp32 and fp16 PyTorch         (bilalora bench --device cuda)
-#   4 trt       issue 14's GPU checks: engine build, refit, INT8 engine, the runtime's engine path --
-#               only when `import tensorrt` works (wheels carried in .whl/); else recorded as skipped
+#   4 trt-*     issue 14's GPU checks, one step each: engine build (--refit export), refit with the adapter,
+#               INT8 engine, the runtime's engine path -- only when `import tensorrt` works (wheels carried
+#               in .whl/); else recorded as skipped
 #   5 pretrain  width-32 DEA-Net pretraining for the remaining minutes (resumes from .carry/pretrain/work)
 set -uo pipefail
 
@@ -39,11 +40,16 @@ CARRY=${GPU_SESSION_CARRY:-".carry .whl"}
 OUT_FILES=(session.log summary.json results.tar.gz dea-net-w32.safetensors pretrain-last.pt)
 # name budget(s) what
 STEPS=(
-  "timing 90 adapt-step timings (2-pass, 3-pass, joint, fine-tune; fp32 + bf16; peak memory)"
-  "adapt 180 default adapt --objective prior on .carry/real_day"
+  "timing 70 adapt-step timings (2-pass, 3-pass, joint, fine-tune; fp32 + bf16; peak memory)"
+  "adapt 150 default adapt --objective prior on .carry/real_day"
   "bench 60 bench on the held-out split + 1080p fp32/fp16 latency"
-  "trt 90 TensorRT: engine build, refit, INT8 engine, runtime engine path (needs tensorrt in .whl)"
+  "trt-build 40 TensorRT engine build from a --refit export (needs tensorrt in .whl)"
+  "trt-refit 20 refit that engine with the real_day adapter, parity gate"
+  "trt-int8 40 INT8 QDQ graph + INT8 engine calibrated on real_day"
+  "trt-run 20 bilalora run through the engine path, then --precision int8"
 )
+budget() { local entry name seconds rest; for entry in "${STEPS[@]}"; do
+  read -r name seconds rest <<<"$entry"; [ "$name" = "$1" ] && echo "$seconds"; done; }
 MODE=run
 case "${1:-}" in
   --dry-run) MODE=dry ;;
@@ -109,7 +115,7 @@ if [ "$MODE" = dry ]; then
     read -r name budget what <<<"$entry"
     note=""
     if [ "$name" = adapt ] && [ ! -d .carry/real_day ]; then note=" [NOT READY: no .carry/real_day; --prepare]"; fi
-    if [ "$name" = trt ] && ! has_trt_wheels; then
+    if [ "${name#trt}" != "$name" ] && ! has_trt_wheels; then
       note=" [would be skipped: no tensorrt wheels in .whl/ (TensorRT for CUDA 13 is ~1 GB, over the carry limit)]"
       budget=0
     fi
@@ -117,8 +123,14 @@ if [ "$MODE" = dry ]; then
     clock=$((clock + budget))
   done
   pretrain=$((LIMIT_S - MARGIN_S - PACK_S - clock))
+  if [ "$pretrain" -lt 0 ]; then
+    echo "FAIL: the measurement steps alone overrun the limit by $((-pretrain))s (lower their budgets)"; status=1; pretrain=0
+  fi
   note=""; [ -d .carry/pretrain ] || note=" [NOT READY: no .carry/pretrain; --prepare]"
   [ -f .carry/pretrain/work/last.pt ] && note="$note (resumes from .carry/pretrain/work/last.pt)"
+  if [ "$pretrain" -lt "$PRETRAIN_MIN_S" ]; then
+    note=" [would be skipped: under ${PRETRAIN_MIN_S}s left unless earlier steps finish early]"
+  fi
   printf '  %-9s %4ss  %4s-%4ss  %s%s\n' pretrain "$pretrain" "$clock" $((clock + pretrain)) \
     "width-32 pretraining, --time-limit $(( (pretrain - PRETRAIN_SETUP_S) ))s after its setup (at least: unused budgets add to it)" "$note"
   clock=$((clock + pretrain))
@@ -126,7 +138,6 @@ if [ "$MODE" = dry ]; then
   clock=$((clock + PACK_S))
   echo "ends by ${clock}s; margin $((LIMIT_S - clock))s before the ${LIMIT_S}s limit"
   if [ $((LIMIT_S - clock)) -lt 60 ]; then echo "FAIL: margin under 60 s"; status=1; fi
-  if [ "$pretrain" -lt "$PRETRAIN_MIN_S" ]; then echo "FAIL: under ${PRETRAIN_MIN_S}s left for pretraining"; status=1; fi
   if [ "$LIMIT_S" -gt 540 ]; then echo "FAIL: a command may run 10 min; keep LIMIT_S <= 540 (9 min)"; status=1; fi
   echo "call: run(command=\"bash benchmarks/gpu_session.sh\", carry=[$(printf '"%s", ' $CARRY | sed 's/, $//')], timeout_s=$((LIMIT_S + 20)))"
   [ $status -eq 0 ] && echo "dry run: OK" || echo "dry run: FAILED"
@@ -189,11 +200,11 @@ record setup "$rc" $(($(date +%s) - begin)) "device_setup.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
 
 # 1. step timings
-step timing 90 python3 benchmarks/adapt_timing.py --backbone dea-net-s --objective prior \
+step timing "$(budget timing)" python3 benchmarks/adapt_timing.py --backbone dea-net-s --objective prior \
   --device cuda --precisions fp32,bf16 --batch 24 --crop 224 --steps 10 --warmup 3 --out "$WORK/adapt_timing_prior.json"
 
 # 2. the default adapt run on real_day (the CUDA default precision; held-out test split kept by adapt)
-step adapt 180 python3 -m bilalora.cli.app adapt --images .carry/real_day --objective prior --device cuda \
+step adapt "$(budget adapt)" python3 -m bilalora.cli.app adapt --images .carry/real_day --objective prior --device cuda \
   --out "$WORK/runs/adapt/real-day"
 rm -rf "$WORK/runs/adapt/real-day/checkpoints"
 
@@ -203,32 +214,35 @@ if [ -f "$WORK/runs/adapt/real-day/adapter.safetensors" ]; then
 else
   SUBJECT=(--backbone dea-net-s --images .carry/real_day --max-images 12)
 fi
-step bench 60 python3 -m bilalora.cli.app bench "${SUBJECT[@]}" --device cuda --size 1080x1920 \
+step bench "$(budget bench)" python3 -m bilalora.cli.app bench "${SUBJECT[@]}" --device cuda --size 1080x1920 \
   --backends torch,torch-fp16 --runs 20 --warmup 5 --dcp --sheet 6 --report "$WORK/bench"
 
-# 4. TensorRT checks (issue 14), only with TensorRT importable
+# 4. TensorRT checks (issue 14), only with TensorRT importable; independent steps, each with its own gate
 if python3 -c "import tensorrt" >/dev/null 2>&1; then
-  trt_checks() {  # each command's own parity gates decide; any failure stops this step (set -e)
-    set -e
-    local base="$WORK/export-base" adapter="$WORK/runs/adapt/real-day/adapter.safetensors"
-    mkdir -p "$WORK/frames" && ls .carry/real_day | head -4 | while read -r f; do cp ".carry/real_day/$f" "$WORK/frames/"; done
-    # INT8 QDQ graph + INT8 engine calibrated on real_day. PTQ of dea-net-s reaches ~30 dB worst case on CPU
-    # (README Export), under the 35 dB gate: the gate is lowered knowingly (recorded) to check the engine path.
-    python3 -m bilalora.cli.app export --base --backbone dea-net-s --trt --int8 --calib .carry/real_day \
-      --calib-images 8 --int8-min-psnr 25 --out "$base"
-    # fp16 engine with state-dict names kept (refit does not apply to INT8 engines: their scales are calibrated)
-    python3 -m bilalora.cli.app export --base --backbone dea-net-s --trt --fp16 --refit --out "$WORK/export-fp16"
-    if [ -f "$adapter" ]; then  # refit: the adapted weights into the base's engine, then its parity gate
-      python3 -m bilalora.cli.app export --refit-engine "$WORK/export-fp16/model.engine" --adapter "$adapter" \
-        --out "$WORK/export-refit"
-    fi
-    # the runtime's engine path, then the INT8 precision
-    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-engine" --model "$base" --prefer engine
-    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-int8" --model "$base" --precision int8
-    rm -rf "$WORK/run-engine"/*.png "$WORK/run-engine"/*.jpg "$WORK/run-int8"/*.png "$WORK/run-int8"/*.jpg
-    cp "$base/model.json" "$WORK/trt_model.json"
+  ADAPTER="$WORK/runs/adapt/real-day/adapter.safetensors"
+  mkdir -p "$WORK/frames" && ls .carry/real_day | head -4 | while read -r f; do cp ".carry/real_day/$f" "$WORK/frames/"; done
+  step trt-build "$(budget trt-build)" python3 -m bilalora.cli.app export --base --backbone dea-net-s --trt --refit --out "$WORK/export-base"
+  if [ -f "$ADAPTER" ] && [ -f "$WORK/export-base/model.engine" ]; then
+    step trt-refit "$(budget trt-refit)" python3 -m bilalora.cli.app export --refit-engine "$WORK/export-base/model.engine" \
+      --adapter "$ADAPTER" --out "$WORK/export-refit"
+  else
+    record trt-refit skip 0 "skipped: no adapter or no engine to refit"
+  fi
+  step trt-int8 "$(budget trt-int8)" python3 -m bilalora.cli.app export --base --backbone dea-net-s --trt --int8 \
+    --calib .carry/real_day --calib-images 8 --out "$WORK/export-int8"
+  run_engine() {
+    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-engine" --model "$WORK/export-base" --prefer engine &&
+    python3 -m bilalora.cli.app run -i "$WORK/frames" -o "$WORK/run-int8" --model "$WORK/export-int8" --precision int8
+    local rc=$?
+    find "$WORK/run-engine" "$WORK/run-int8" -type f ! -name '*.json' -delete 2>/dev/null  # keep run.json only
+    return $rc
   }
-  step trt 90 bash -c "$(declare -f trt_checks); WORK='$WORK'; trt_checks"
+  step trt-run "$(budget trt-run)" bash -c "$(declare -f run_engine); WORK='$WORK'; run_engine"
+  for folder in export-base export-refit export-int8; do  # the records come back, the engines do not
+    [ -f "$WORK/$folder/model.json" ] && cp "$WORK/$folder/model.json" "$WORK/${folder}_model.json"
+    rm -rf "${WORK:?}/$folder"
+  done
+  pack
 else
   echo "=== trt: skipped (tensorrt is not importable: its CUDA 13 wheels, ~1 GB, do not fit the 64 MiB carry)"
   record trt skip 0 "skipped: tensorrt not importable (wheels ~1 GB > 64 MiB carry)"
