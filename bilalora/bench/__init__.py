@@ -6,9 +6,11 @@
     result.quality                              # per subject: mean FADE, entropy, ... over the images
     result.record_path                          # bench.json beside the report
 
-Building blocks: :mod:`.subjects` (what is compared), :mod:`.latency` (timing per
-backend), :mod:`.quality` (no-reference metrics over images), :mod:`.pipeline`.
-Names are imported on first use.
+Building blocks: :mod:`.subjects` (what is compared), :mod:`.selection` (which
+images: the run's held-out test split by default), :mod:`.latency` (timing per
+format, one :data:`~.latency.FORMATS` table), :mod:`.quality` (no-reference
+metrics over images), :mod:`.baselines` (DCP and contrast-stretch rows),
+:mod:`.figure` (metrics.png), :mod:`.pipeline`. Names are imported on first use.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ _EXPORTS = {
     "Timing": "latency",
     "time_callable": "latency",
     "score_images": "quality",
+    "FORMATS": "latency",
+    "ImageSelection": "selection",
+    "select_images": "selection",
+    "metrics_figure": "figure",
 }
 
 __all__ = sorted(_EXPORTS)
