@@ -187,8 +187,8 @@ def main() -> None:
             latency[f"{height}x{width}"] = _latency(backends, frames, args.runs, progress)
     result = {
         "benchmark": "openvino_int8",
-        "command": "python benchmarks/openvino_int8.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),  # fmt: skip
+        "command": "python benchmarks/openvino_int8.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "cpu": cpu_name(),
         "threads": args.threads,
         "backbone": record["backbone"],

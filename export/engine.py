@@ -69,7 +69,7 @@ def engine_parity(state: ExportState, model, engine_path: Path, precision: str, 
     import torch
 
     from .onnx_export import ExportWrapper
-    from .parity import evaluate, gate_for, random_cases
+    from .parity import evaluate, random_cases
     from .trt import run_engine
 
     if not torch.cuda.is_available():

@@ -208,7 +208,6 @@ def _export(state: ExportState, events: Events) -> None:
 
 def _load(state: ExportState):
     """(adapter or None, base network in eval mode); the adapter's base fingerprint is checked."""
-    from bilalora import backbones
     from bilalora.adapter import Adapter, fingerprint
 
     source = state.source

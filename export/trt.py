@@ -287,14 +287,15 @@ def load_timing_cache(config, path: Path, log: Optional[Callable[[str], None]] =
             if log:
                 log(f"timing cache {path} is not readable ({exc}); building without it")
     if data:
+        reason = "TensorRT returned no cache"
         try:
             cache = config.create_timing_cache(data)
             if cache is not None:
                 return cache
-        except Exception:  # noqa: BLE001 - TensorRT raises on a corrupt cache; rebuild it instead
-            pass
+        except Exception as exc:  # noqa: BLE001 - TensorRT raises on a corrupt cache; rebuild it instead
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if log:
-            log(f"timing cache {path} is corrupt or from another TensorRT; discarded, a new one is written")
+            log(f"timing cache {path} is corrupt or from another TensorRT ({reason}); discarded, a new one is written")
         path.unlink(missing_ok=True)
     return config.create_timing_cache(b"")
 

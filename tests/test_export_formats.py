@@ -10,11 +10,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +217,7 @@ def formats_export(tmp_path_factory):
 def test_openvino_ir_matches_pytorch(formats_export):
     import openvino as ov
 
-    model, result, folder = formats_export
+    model, result, _ = formats_export
     out = result.out_dir
     record = _consistent(out)
     entry = record["artefacts"]["model.xml"]
