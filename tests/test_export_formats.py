@@ -391,3 +391,24 @@ def test_int8_gate_refusal_and_explicit_lower_gate(tmp_path, monkeypatch):
     result = run_export(ExportOptions(out=tmp_path / "lowered", int8_min_psnr=20.0, **common))
     entry = result.record["artefacts"]["model_int8.onnx"]
     assert entry["parity"]["gate"] == {"psnr_db": 20.0} and result.record["options"]["int8_min_psnr"] == 20.0
+
+
+def test_refit_name_check_refuses_folded_weights(tmp_path):
+    """A weight that is not a named initializer (folded into a constant) makes --refit refuse in one line."""
+    from bilalora.export.onnx_export import export_onnx
+    from bilalora.export.refit import check_refit_names
+
+    model, _ = _weights_file(tmp_path)
+    export_onnx(model, tmp_path / "m.onnx", opset=17, fold_constants=False, slim=False)
+    state = dict(model.state_dict())
+    assert check_refit_names(tmp_path / "m.onnx", state)  # every weight named
+    state["extra.conv.weight"] = torch.zeros(3, 3, 1, 1)
+    with pytest.raises(UserError, match="cannot be refitted"):
+        check_refit_names(tmp_path / "m.onnx", state)
+
+
+def test_cli_export_does_not_import_the_app():
+    """cli/export.py and cli/app.py no longer import each other (the app wires commands; commands stand alone)."""
+    code = "import sys, bilalora.cli.export; print('bilalora.cli.app' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
