@@ -140,7 +140,7 @@ def _sheet(panels: list[tuple[str, np.ndarray]], height: int = 240) -> np.ndarra
 
 
 def real_photos(model, folder: Path, count: int, side: int, flat_std: float, dark: float,
-                sheet: Path | None = None) -> dict:
+                sheet: Path | None = None, only: list[str] | None = None) -> dict:
     """Experiment 1 on the ``count`` photos of ``folder`` with the most flat haze (sheet: first 6 of them)."""
     candidates = []
     for path in list_images(folder):
@@ -150,6 +150,8 @@ def real_photos(model, folder: Path, count: int, side: int, flat_std: float, dar
     candidates.sort(key=lambda c: -c[0])
     modes = {"input": lambda m, x: x, "whole": run_whole, "tiles128": run_tiles, "half": run_half,
              "dcp": lambda m, x: dehaze_dcp(x)}
+    if only:
+        modes = {name: fn for name, fn in modes.items() if name in only or name == "input"}
     rows, sheet_rows = [], []
     for share, path, image, mask in candidates[:count]:
         row = {"image": path.name, "hw": list(image.shape[:2]), "flat_share": share}
@@ -159,7 +161,7 @@ def real_photos(model, folder: Path, count: int, side: int, flat_std: float, dar
         rows.append(row)
         if sheet is not None and len(sheet_rows) < 6:
             sheet_rows.append(_sheet([(f"{name} {path.stem[:18]}" if name == "input" else name, outputs[name])
-                                      for name in ("input", "whole", "tiles128", "half")]))
+                                      for name in ("input", "whole", "tiles128", "half") if name in outputs]))
     if sheet_rows:
         width = max(r.shape[1] for r in sheet_rows)
         sheet_rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in sheet_rows]
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=768, help="longer side the photos are downsized to")
     parser.add_argument("--flat-std", type=float, default=0.012)
     parser.add_argument("--dark", type=float, default=0.06)
-    parser.add_argument("--synthetic-size", type=int, default=512)
+    parser.add_argument("--synthetic-size", type=int, default=512, help="side of the flat synthetic haze (0: skip)")
+    parser.add_argument("--modes", default="", help="comma list of whole,tiles128,half,dcp (default: all)")
     parser.add_argument("--pairs", type=Path, default=None, help="training pairs (experiment 3)")
     parser.add_argument("--clear", type=Path, default=None, help="clear photos used for synthesis (experiment 3)")
     parser.add_argument("--crops", type=int, default=300)
@@ -263,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     model = backbones.load(args.backbone, weights=args.weights)
 
-    real = real_photos(model, args.real, args.count, args.side, args.flat_std, args.dark, args.sheet)
+    only = [m for m in args.modes.split(",") if m] or None
+    real = real_photos(model, args.real, args.count, args.side, args.flat_std, args.dark, args.sheet, only)
     modes = list(real["mean"])
     _table(f"experiment 1: {args.count} photos of {args.real.name} with the most flat haze (mean in the mask)",
            ["mode", "local std (levels)", "blotch share"],
            [[m, f"{real['mean'][m]['local_std']:.2f}", f"{real['mean'][m]['blotch_frac']:.4f}"] for m in modes])
-    synthetic = flat_synthetic(model, args.synthetic_size, args.dark)
+    synthetic = flat_synthetic(model, args.synthetic_size, args.dark) if args.synthetic_size else []
     _table("experiment 2: flat synthetic haze (A = 0.9), whole image", ["t / variant", "input std", "whole std",
            "tiles128 std", "whole blotch", "tiles128 blotch"],
            [[f"{r['t']} {r['variant']}", f"{r['input']['local_std']:.2f}", f"{r['whole']['local_std']:.2f}",

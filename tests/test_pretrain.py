@@ -281,23 +281,33 @@ def test_resume_without_checkpoint_is_a_user_error(tiny_data):
 
 # --------------------------------------------------------------------------- shipped weights
 
-#: The registry name whose weights bilalora/weights ships (see bilalora/weights/MODEL_CARD.md).
-SHIPPED_BACKBONE = "dea-net-s"
+#: The registry names whose weights bilalora/weights ships (cards: bilalora/weights/<name>.md).
+SHIPPED_BACKBONES = ("dea-net-s", "dea-net-s-synthetic")
 
 
-def test_shipped_weights_match_their_card_and_run(monkeypatch):
+@pytest.mark.parametrize("name", SHIPPED_BACKBONES)
+def test_shipped_weights_match_their_card_and_run(monkeypatch, name):
     monkeypatch.delenv("BILALORA_WEIGHTS_DIR", raising=False)
-    path = backbones.shipped_weights(SHIPPED_BACKBONE)
-    assert path is not None, f"bilalora/weights has no weights for {SHIPPED_BACKBONE}"
+    path = backbones.shipped_weights(name)
+    assert path is not None, f"bilalora/weights has no weights for {name}"
     assert path.stat().st_size <= 16 * 2**20
     card = json.loads(path.with_suffix(".json").read_text())
-    model = backbones.load(SHIPPED_BACKBONE)  # no weights argument: the shipped file
+    model = backbones.load(name)  # no weights argument: the shipped file
     assert model.bilalora_info["weights"] == str(path)
-    assert card["backbone"] == SHIPPED_BACKBONE and card["weights_file"] == path.name
+    assert model.bilalora_info["input_norm"] is None and card["input_norm"] is None
+    assert card["backbone"] == name and card["weights_file"] == path.name
     assert fingerprint(model) == card["fingerprint"]
+    assert path.with_suffix(".md").is_file()
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64))
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_the_paper_setting_base_saw_synthetic_pairs_only():
+    card = json.loads(backbones.shipped_weights("dea-net-s-synthetic").with_suffix(".json").read_text())
+    assert card["data"]["synth_ratio"] == 0.0 and card["data"]["synthesized_from"] is None
+    assert card["training"]["init"] is None  # from a random init
+    assert card["evaluation"]["synth_test"]["n_pairs"] == 50
 
 
 # --------------------------------------------------------------------------- split pieces (#9)

@@ -286,6 +286,17 @@ register(
 )
 register(
     BackboneSpec(
+        "dea-net-s-synthetic",
+        _dea_net,
+        "DEA-Net, width 16, trained on synthetic indoor pairs only (the paper's synthetic-to-real setting)",
+        DEA_NET_SEARCH_SITES,
+        weights_file="dea-net-s-synthetic.safetensors",
+        kwargs={"width": 16},
+        **_DEA_NET_TRAINING,
+    )
+)
+register(
+    BackboneSpec(
         "dea-net-t",
         _dea_net,
         "DEA-Net, width 8 (0.23 M params), tiny: smoke tests and microcontrollers",
