@@ -271,8 +271,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    """Shrink ``image`` (H, W, 3) so that max(H, W) <= max_side (cv2 INTER_AREA), clipped to [0, 1]
-    (area averaging in float32 can land a hair above 1)."""
+    """Shrink ``image`` (H, W, C) so that max(H, W) <= max_side (cv2 INTER_AREA, aspect kept).
+
+    ``uint8`` stays ``uint8``; float comes back ``float32`` clipped to [0, 1] (area averaging
+    in float32 can land a hair above 1). An image already small enough is returned as it is.
+    """
     height, width = image.shape[:2]
     if max_side is None or max(height, width) <= max_side:
         return image
@@ -281,6 +284,8 @@ def downsize(image: np.ndarray, max_side: int | None) -> np.ndarray:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(resized)
     return np.ascontiguousarray(np.clip(resized, 0.0, 1.0), dtype=np.float32)
 
 

@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 
 from .data import augment
-from .images import ImageDecodeError, list_images, load_image
 from .errors import UserError
+from .images import ImageDecodeError, downsize, list_images, load_image
 from .synthesis import HazeRanges, depth_from_image, synthesize
 
 __all__ = ["MATCH_RULE", "ClearFolder", "Pair", "PairedFolder", "match_pairs"]
@@ -113,15 +113,6 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
 
 
-def _downsize_uint8(image: np.ndarray, max_side: int | None) -> np.ndarray:
-    height, width = image.shape[:2]
-    if max_side is None or max(height, width) <= max_side:
-        return image
-    scale = max_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-
-
 def _fit_clear(clear: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
     """Bring a clear image to the hazy image's (H, W).
 
@@ -196,7 +187,7 @@ class PairedFolder:
         by_digest: dict[tuple[str, tuple[int, int]], int] = {}
         for pair in matched:
             try:
-                hazy = _downsize_uint8(_to_uint8(load_image(pair.hazy)), max_side)
+                hazy = downsize(_to_uint8(load_image(pair.hazy)), max_side)
                 digest = hashlib.sha1(pair.clear.read_bytes()).hexdigest()
                 key = (digest, hazy.shape[:2])
                 if key not in by_digest:
@@ -315,7 +306,7 @@ class ClearFolder:
         self._depth: list[np.ndarray | None] = []
         for path in files:
             try:
-                image = _downsize_uint8(_to_uint8(load_image(path)), max_side)
+                image = downsize(_to_uint8(load_image(path)), max_side)
                 depth = None
                 if path.stem in depth_files:
                     raw = depth_from_image(load_image(depth_files[path.stem]))

@@ -453,3 +453,15 @@ def test_import_without_torch():
         [sys.executable, "-c", code], check=False, env=env, cwd=REPO, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_downsize_keeps_uint8_and_clips_float():
+    from bilalora.images import downsize
+
+    u8 = np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)
+    small = downsize(u8, 50)
+    assert small.dtype == np.uint8 and small.shape == (20, 50, 3)
+    f = np.ones((40, 100, 3), np.float32)
+    out = downsize(f, 25)
+    assert out.dtype == np.float32 and out.shape == (10, 25, 3) and float(out.max()) <= 1.0
+    assert downsize(u8, 100) is u8 and downsize(u8, None) is u8
