@@ -54,7 +54,7 @@ def _printer():
         def artefact(self, artefact) -> None:
             console.print(
                 f"[bold]{artefact.label}:[/] export success [green]OK[/] {artefact.seconds:.1f}s, "
-                f"saved as '{escape(str(artefact.path))}' ({artefact.megabytes:.1f} MB)",
+                f"saved as '{escape(str(artefact.destination or artefact.path))}' ({artefact.megabytes:.1f} MB)",
                 soft_wrap=True,
             )
             pad = " " * (len(artefact.label) + 2)

@@ -23,7 +23,8 @@ class ExportOptions:
         adapter: adapter file; None with ``base`` False: the newest adapt run's adapter.
         base: export the unadapted backbone.
         backbone, weights: override the base network (registry name or pkg.mod:factory; a weights file).
-        random_weights: allow a backbone without weights (no shipped file, no ``weights``): random init.
+        random_weights: allow a backbone without weights (no shipped file, no ``weights``): random init,
+            seeded (the same network on every export).
         input_norm: what input the base weights expect (None: what the weights record, else [0, 1];
             "clip", "none" or "MEAN,STD"); folded into the graph, which always takes [0, 1] RGB.
         out: output folder (default: :func:`bilalora.sources.default_out_dir`).
@@ -95,6 +96,8 @@ class Artefact:
         parameters: number of stored parameters (initializer elements for ONNX).
         notes: one-line remarks ("onnxslim 0.1.98", ...).
         extra: further model.json fields of this entry ("bin", "kept_float", "calibration", ...).
+        destination: where the file will be once the export is swapped in (``path`` is in the staging
+            folder until then; both are the same afterwards).
     """
 
     name: str
@@ -106,6 +109,7 @@ class Artefact:
     parameters: Optional[int] = None
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    destination: Optional[Path] = None
 
     @property
     def megabytes(self) -> float:

@@ -51,6 +51,9 @@ from .trt import ShapeProfile, make_profile
 
 __all__ = ["ExportOptions", "Artefact", "ExportResult", "Events", "run_export", "check_weights"]
 
+#: Seed of the initialisation with ``random_weights`` (exports of a random network are reproducible).
+RANDOM_WEIGHTS_SEED = 0
+
 
 def check_weights(source: Source, random_weights: bool) -> None:
     """Refuse a base network that would get random weights unless ``random_weights`` says so.
@@ -152,7 +155,7 @@ def _commit(state: ExportState, staging: Staging, status: str, error: Optional[s
     state.write(status, error, record)
     path = staging.commit()
     for artefact in state.artefacts:
-        artefact.path = state.out_dir / artefact.name
+        artefact.path = artefact.destination = state.out_dir / artefact.name
     state.work_dir = state.out_dir
     return path
 
@@ -203,7 +206,7 @@ def _export(state: ExportState, events: Events) -> None:
         artefact = build_engine_artefact(state, events, model)
         if artefact.parity is not None:
             _gate(state, artefact)
-        events.artefact(artefact)
+        _announce(state, events, artefact)
 
 
 def _load(state: ExportState):
@@ -212,7 +215,14 @@ def _load(state: ExportState):
 
     source = state.source
     adapter = Adapter.load(source.adapter) if source.adapter is not None else None
-    base = source.load_base().eval()
+    if state.options.random_weights:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # --random-weights: the same network on every export
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            base = source.load_base().eval()
+    else:
+        base = source.load_base().eval()
     info = getattr(base, "bilalora_info", {}) or {}
     state.weights_source = info.get("weights", source.weights)
     state.input_norm = info.get("input_norm")
@@ -286,7 +296,7 @@ def _merge_step(state: ExportState, events: Events, model, adapter, base, cases)
         state.timed("merge", seconds)
         artefact = Artefact(row.file, path, row.format, row.precision, seconds, report.parity, report.parameters_merged)
         state.artefacts.append(artefact)
-        events.artefact(artefact)
+        _announce(state, events, artefact)
     else:
         model = gated_copy(adapter, base)
         gated_params, base_params = lora.count_parameters(model), lora.count_parameters(base)
@@ -342,7 +352,7 @@ def _onnx_step(state, events, model, key, fixed, fold, meta, cases, references) 
     artefact.parity = onnx_parity(path, row.precision, cases, references)
     state.timed("parity", time.perf_counter() - tick)
     _gate(state, artefact)
-    events.artefact(artefact)
+    _announce(state, events, artefact)
 
 
 def _int8_step(state: ExportState, events: Events, model) -> None:
@@ -390,7 +400,7 @@ def _int8_step(state: ExportState, events: Events, model) -> None:
     state.timed("int8", result.seconds)
     state.artefacts.append(artefact)
     _gate(state, artefact)
-    events.artefact(artefact)
+    _announce(state, events, artefact)
 
 
 def _openvino_step(state: ExportState, events: Events, cases: list[Case], references) -> None:
@@ -426,6 +436,12 @@ def _openvino_step(state: ExportState, events: Events, cases: list[Case], refere
     artefact.extra = {"weights": "fp16"}
     state.timed("parity", time.perf_counter() - tick)
     _gate(state, artefact)
+    _announce(state, events, artefact)
+
+
+def _announce(state: ExportState, events: Events, artefact: Artefact) -> None:
+    """Tell the caller an artefact passed its gate, naming where it will be once the export is swapped in."""
+    artefact.destination = state.out_dir / artefact.name
     events.artefact(artefact)
 
 

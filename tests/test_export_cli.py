@@ -38,6 +38,7 @@ def test_chain_export_merge_picks_newest_run(tmp_path, monkeypatch, hazy_folder)
     text = result.output
     assert "adapter: runs/adapt/exp2/adapter.safetensors (newest run" in text
     assert "weights:" in text and "summary.json" in text
+    assert ".partial" not in text  # lines name where the files end up, not the staging folder
     for line in ("PyTorch: export success", "ONNX: export success", "ONNX fp16: export success"):
         assert line in text
     assert "Merge: 3 site(s)" in text and "max |gated - merged|" in text
