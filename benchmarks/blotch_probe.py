@@ -19,7 +19,9 @@ Experiments (each isolates one suspected cause):
    photos are run whole (``whole``), as independent 128x128 tiles (``tiles128``, what training
    saw; one forward per tile batch) and whole at half the size (``half``, upsampled back).
    If blotches came from the train/test size mismatch (the channel attention's global pooling,
-   receptive field), ``tiles128`` would not have them.
+   receptive field), ``tiles128`` would not have them. ``blur2`` runs the whole image after a
+   Gaussian blur (sigma 2) of the input: if the network only amplified pixel noise and JPEG
+   blocks, the blur would remove most blotches; what survives comes from coarser variation.
 2. **gain on low-amplitude noise** -- flat synthetic haze ``I = J t + A (1 - t)`` (J a flat grey
    with a faint texture, A = 0.9) at t = 0.1, 0.2, 0.4, 512x512, clean, with Gaussian noise
    (sigma 1/255) and JPEG-compressed (quality 80). If the network amplifies the sensor noise and
@@ -149,7 +151,8 @@ def real_photos(model, folder: Path, count: int, side: int, flat_std: float, dar
         candidates.append((float(mask.mean()), path, image, mask))
     candidates.sort(key=lambda c: -c[0])
     modes = {"input": lambda m, x: x, "whole": run_whole, "tiles128": run_tiles, "half": run_half,
-             "dcp": lambda m, x: dehaze_dcp(x)}
+             "dcp": lambda m, x: dehaze_dcp(x),
+             "blur2": lambda m, x: run_whole(m, cv2.GaussianBlur(x, (0, 0), 2.0))}
     if only:
         modes = {name: fn for name, fn in modes.items() if name in only or name == "input"}
     rows, sheet_rows = [], []
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat-std", type=float, default=0.012)
     parser.add_argument("--dark", type=float, default=0.06)
     parser.add_argument("--synthetic-size", type=int, default=512, help="side of the flat synthetic haze (0: skip)")
-    parser.add_argument("--modes", default="", help="comma list of whole,tiles128,half,dcp (default: all)")
+    parser.add_argument("--modes", default="", help="comma list of whole,tiles128,half,dcp,blur2 (default: all)")
     parser.add_argument("--pairs", type=Path, default=None, help="training pairs (experiment 3)")
     parser.add_argument("--clear", type=Path, default=None, help="clear photos used for synthesis (experiment 3)")
     parser.add_argument("--crops", type=int, default=300)
@@ -273,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
            ["mode", "local std (levels)", "blotch share"],
            [[m, f"{real['mean'][m]['local_std']:.2f}", f"{real['mean'][m]['blotch_frac']:.4f}"] for m in modes])
     synthetic = flat_synthetic(model, args.synthetic_size, args.dark) if args.synthetic_size else []
-    _table("experiment 2: flat synthetic haze (A = 0.9), whole image", ["t / variant", "input std", "whole std",
-           "tiles128 std", "whole blotch", "tiles128 blotch"],
-           [[f"{r['t']} {r['variant']}", f"{r['input']['local_std']:.2f}", f"{r['whole']['local_std']:.2f}",
-             f"{r['tiles128']['local_std']:.2f}", f"{r['whole']['blotch_frac']:.4f}",
-             f"{r['tiles128']['blotch_frac']:.4f}"] for r in synthetic])
+    if synthetic:
+        _table("experiment 2: flat synthetic haze (A = 0.9), whole image", ["t / variant", "input std", "whole std",
+               "tiles128 std", "whole blotch", "tiles128 blotch"],
+               [[f"{r['t']} {r['variant']}", f"{r['input']['local_std']:.2f}", f"{r['whole']['local_std']:.2f}",
+                 f"{r['tiles128']['local_std']:.2f}", f"{r['whole']['blotch_frac']:.4f}",
+                 f"{r['tiles128']['blotch_frac']:.4f}"] for r in synthetic])
     share = training_share(args.pairs, args.clear, args.real, args.crops, args.flat_std)
     _table("experiment 3: share of flat-haze pixels", ["source", "share"], [[k, f"{v:.4f}"] for k, v in share.items()])
 
