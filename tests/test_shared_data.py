@@ -10,8 +10,8 @@ from bilalora.data import split_half
 from bilalora.images import ImageFolder
 from bilalora.metrics import dark_channel_density
 from bilalora.metrics.reference import psnr
-from bilalora.pairs import PairedFolder, match_pairs
 from bilalora.padding import crop_to, pad_to_multiple
+from bilalora.pairs import PairedFolder, match_pairs
 
 
 def _run(model, image: np.ndarray) -> torch.Tensor:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["PyiqaMetric", "pyiqa_cache_dir", "available_pyiqa_metrics"]
+__all__ = ["PyiqaMetric", "available_pyiqa_metrics", "pyiqa_cache_dir"]
 
 
 def pyiqa_cache_dir() -> Path:
