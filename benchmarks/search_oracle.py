@@ -168,14 +168,16 @@ def search(args) -> None:
         lora.freeze_base(model)
         lora_opt = make_lora_optimizer(lora.lora_parameters(model), config)
         gate_opt_ = make_gate_optimizer(lora.gate_parameters(model), config)
-        if gate_opt == "sgd":  # plain SGD: scale the rate so the first step moves the gates by gate_lr (RMS)
-            gate_opt_.param_groups[0]["lr"] = gate_lr / _first_rms(model, objective, train, val, args, seed,
-                                                                        method)
         train_crops = Crops(train, args.crop, args.batch, seed=100 + seed)
         val_crops = Crops(val, args.crop, args.batch, seed=200 + seed)
         trajectory, losses = [], []
         for step in range(args.search_steps):
             batch = train_crops.get(step)
+            if gate_opt == "sgd" and step == 1:
+                # plain SGD: scale the rate so this step moves the gates by gate_lr (RMS). Not at step 0:
+                # there B = 0, the deltas are zero and so is every gate gradient.
+                gate_opt_.param_groups[0]["lr"] = gate_lr / _gate_grad_rms(model, objective, batch, val_crops.get(step),
+                                                                           args.lr, method)
             if method == "joint":
                 result = joint_step(model, objective, batch, lora_opt, gate_opt_, config)
             else:
@@ -203,17 +205,15 @@ def search(args) -> None:
         write_json(Path(args.out), record)
 
 
-def _first_rms(model, objective, train, val, args, seed, method) -> float:
-    """RMS of the first gate gradient (for plain SGD's rate), without changing the model."""
+def _gate_grad_rms(model, objective, train_batch, val_batch, eta, method) -> float:
+    """RMS of the gate gradient on these batches (for plain SGD's rate), without changing the model."""
     from bilalora.search import hypergradient
 
-    train_batch = Crops(train, args.crop, args.batch, seed=100 + seed).get(0)
     if method == "joint":
         loss = objective(model(train_batch), train_batch)
         grads = torch.autograd.grad(loss, lora.gate_parameters(model))
     else:
-        grads, *_ = hypergradient(model, objective, train_batch, Crops(val, args.crop, args.batch, 200 + seed).get(0),
-                                  eta=args.lr, variant=method)
+        grads, *_ = hypergradient(model, objective, train_batch, val_batch, eta=eta, variant=method)
     stacked = torch.stack([g.detach() for g in grads])
     return float(stacked.pow(2).mean().sqrt()) + 1e-12
 
@@ -229,7 +229,11 @@ def report(args) -> None:
     oracles = [json.loads(Path(path).read_text()) for path in args.oracle.split(",")]
     oracle_rec = oracles[0]
     records = [json.loads(Path(path).read_text()) for path in args.search.split(",")]
-    search_rec = {"config": records[0]["config"], "runs": [run for rec in records for run in rec["runs"]]}
+    runs = {}
+    for rec in records:  # a (variant, seed) run found in several files counts once (the first)
+        for run in rec["runs"]:
+            runs.setdefault((run["variant"], run["seed"]), run)
+    search_rec = {"config": records[0]["config"], "runs": list(runs.values())}
     k = search_rec["config"]["top_k"]
     # the oracle's drops averaged over its seeds; their agreement is the ceiling of any search's agreement
     drops = {name: float(np.mean([o["sites"][name]["drop"] for o in oracles])) for name in oracle_rec["sites"]}
