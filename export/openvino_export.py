@@ -23,21 +23,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from bilalora.errors import UserError
+from bilalora.runtime.ov_backend import OPENVINO_INSTALL_HINT
+from bilalora.runtime.ov_backend import import_openvino as _import_openvino
 
 from .parity import Case, ParityError, ParityResult, evaluate, gate_for
 
 __all__ = ["import_openvino", "export_openvino", "inference_config", "openvino_parity", "OPENVINO_HINT"]
 
-OPENVINO_HINT = "pip install 'bilalora[openvino]'"
+OPENVINO_HINT = OPENVINO_INSTALL_HINT
 
 
 def import_openvino():
     """``import openvino``; a one-line :class:`UserError` with the install command when it is missing."""
-    try:
-        import openvino  # noqa: PLC0415
-    except Exception as exc:  # noqa: BLE001 - ImportError or a broken install
-        raise UserError(f"--openvino: OpenVINO cannot be imported ({type(exc).__name__}); run {OPENVINO_HINT}") from None
-    return openvino
+    return _import_openvino("--openvino: OpenVINO cannot be imported")
 
 
 def export_openvino(onnx_path: Path, xml_path: Path) -> float:

@@ -22,15 +22,15 @@ from .backends import Backend, first_line
 
 __all__ = ["OpenVinoBackend", "cpu_has_bf16", "import_openvino"]
 
-OPENVINO_INSTALL_HINT = "pip install openvino"
+OPENVINO_INSTALL_HINT = "pip install 'bilalora[openvino]'"
 
 
-def import_openvino():
-    """Import ``openvino`` lazily; its absence is a one-line :class:`UserError`."""
+def import_openvino(purpose: str = "model.xml needs OpenVINO"):
+    """Import ``openvino`` lazily; its absence is a one-line :class:`UserError` starting with ``purpose``."""
     try:
         import openvino
     except Exception as exc:  # noqa: BLE001 - ImportError or a broken install
-        raise UserError(f"model.xml needs OpenVINO ({type(exc).__name__}): {OPENVINO_INSTALL_HINT}") from None
+        raise UserError(f"{purpose} ({type(exc).__name__}): run {OPENVINO_INSTALL_HINT}") from None
     return openvino
 
 

@@ -93,20 +93,11 @@ def resolve_schedule(config: AdaptConfig, n_train: int) -> Schedule:
         UserError: the search would be longer than the whole run.
     """
     per_epoch = math.ceil(n_train / config.batch)
-    if config.steps is not None:
-        total = config.steps
-    elif config.epochs is not None:
-        total = config.epochs * per_epoch
-    else:
-        total = max(DEFAULT_EPOCHS * per_epoch, MIN_TOTAL_STEPS)
+    total = _stage_steps(config.steps, config.epochs, per_epoch, DEFAULT_EPOCHS, MIN_TOTAL_STEPS)
     if not config.searches:
         return Schedule((("finetune", total),), n_train, config.batch)
-    if config.search_steps is not None:
-        search = config.search_steps
-    elif config.search_epochs is not None:
-        search = config.search_epochs * per_epoch
-    else:
-        search = max(DEFAULT_SEARCH_EPOCHS * per_epoch, MIN_SEARCH_STEPS)
+    search = _stage_steps(config.search_steps, config.search_epochs, per_epoch, DEFAULT_SEARCH_EPOCHS,
+                          MIN_SEARCH_STEPS)
     if search > total:
         raise UserError(
             f"the search ({search} steps) is longer than the whole run ({total} steps): raise --steps/--epochs "
@@ -234,3 +225,12 @@ def image_subset(paths: list[Path], by_path: dict[Path, np.ndarray], what: str) 
     except KeyError as missing:
         raise UserError(f"cannot resume: {what} image {missing.args[0]} of the interrupted run is gone from the "
                         "folder (or unreadable now)") from None
+
+
+def _stage_steps(steps, epochs, per_epoch: int, default_epochs: int, floor: int) -> int:
+    """Steps of a stage: ``steps`` when given, else ``epochs`` passes, else the default epochs with a floor."""
+    if steps is not None:
+        return steps
+    if epochs is not None:
+        return epochs * per_epoch
+    return max(default_epochs * per_epoch, floor)
