@@ -491,3 +491,35 @@ def test_lora_start_depends_on_the_seed_only(tmp_path, hazy_folder):
     third = adapt(_model(), hazy_folder, ToyObjective(), _config(steps=1, search_steps=1, seed=1), tmp_path / "c")
     assert any(not torch.equal(first.tensors[k], third.adapter.tensors[k]) for k in first.tensors
                if k in third.adapter.tensors) or list(third.adapter.sites) != list(first.sites)
+
+
+def test_resume_keeps_the_runs_input_normalisation(tmp_path, hazy_folder):
+    from bilalora.backbones.normalize import CLIP_MEAN, CLIP_STD, fold_input_norm, same_input_norm
+
+    clip = {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+
+    def clip_model():
+        model = fold_input_norm(_model(), CLIP_MEAN, CLIP_STD)
+        model.bilalora_info["input_norm_source"] = "flag"
+        return model
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(step, entry):
+        if step == 3:
+            raise Interrupt
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        adapt(clip_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    plain = _model()  # resumed without --input-norm: the run's normalisation comes back
+    result = adapt(plain, hazy_folder, ToyObjective(), None, run, resume=True)
+    assert same_input_norm(result.summary["input_norm"], clip)
+    reference = adapt(clip_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "straight")
+    for key, value in reference.adapter.tensors.items():
+        assert torch.equal(result.adapter.tensors[key], value), key
+    other = fold_input_norm(_model(), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    other.bilalora_info["input_norm_source"] = "flag"
+    with pytest.raises(UserError, match="input normalisation"):
+        adapt(other, hazy_folder, ToyObjective(), None, run, resume=True)

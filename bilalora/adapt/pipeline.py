@@ -195,6 +195,30 @@ def _not_files(root: Path, recursive: bool) -> dict[str, str]:
     return found
 
 
+def _resume_input_norm(model: nn.Module, recorded: dict | None) -> None:
+    """Give a resumed run the input normalisation it was adapting with (docs/weights.md).
+
+    When the user chose one with ``--input-norm`` that differs, the resume is refused;
+    otherwise the recorded one replaces whatever the weights file said (or nothing).
+    """
+    from bilalora.backbones.normalize import describe, fold_input_norm, same_input_norm, unfold_input_norm
+
+    info = getattr(model, "bilalora_info", None) or {}
+    current = info.get("input_norm")
+    if same_input_norm(current, recorded):
+        return
+    if info.get("input_norm_source") == "flag":
+        raise UserError(
+            f"--resume: the interrupted run was adapting with input normalisation {describe(recorded)}, "
+            f"not {describe(current)}; drop --input-norm or pass the run's"
+        )
+    if recorded is None:
+        unfold_input_norm(model)
+    else:
+        fold_input_norm(model, recorded["mean"], recorded["std"])
+    model.bilalora_info["input_norm_source"] = "run"
+
+
 def _prepare_model(model: nn.Module, record: dict | None, crop: int) -> tuple[nn.Module, str]:
     """Check the crop fits the network, fingerprint the base (checked against the checkpoint on resume), copy it."""
     model.eval()  # DEA-Net has no dropout/batch-norm; eval keeps any such layer deterministic
@@ -205,6 +229,8 @@ def _prepare_model(model: nn.Module, record: dict | None, crop: int) -> tuple[nn
             f"--resume: these base weights (fingerprint {base_fingerprint[:12]}) are not the ones the interrupted "
             f"run was adapting (fingerprint {str(record['base_fingerprint'])[:12]}); pass the same --backbone/--weights"
         )
+    if record is not None and "input_norm" in record:
+        _resume_input_norm(model, record["input_norm"])
     base = copy.deepcopy(model).eval()
     for param in base.parameters():
         param.requires_grad_(False)

@@ -138,6 +138,7 @@ class AdaptState:
             "format": CHECKPOINT_FORMAT,
             "config": self.config.as_dict(),
             "base_fingerprint": self.base_fingerprint,
+            "input_norm": (getattr(model, "bilalora_info", None) or {}).get("input_norm"),
             "stage_index": self.stage_index,
             "stage_step": self.stage_step,
             "global_step": self.global_step,
