@@ -207,7 +207,8 @@ def _open_engine(fmt: Format, path: Path, record: dict, providers: Optional[list
         # int8 graphs keep OpenVINO's default; float IR runs in bf16 where the CPU computes it natively
         precision = None if fmt.precision == "int8" else ("bf16" if cpu_has_bf16() else "f32")
         return OpenVinoBackend(path, precision=precision, threads=threads)
-    return backends.OnnxBackend(path, providers=providers, threads=threads)
+    onnx_precision = fmt.precision if fmt.precision in ("fp16", "int8") else "fp32"  # the TensorRT provider's flags
+    return backends.OnnxBackend(path, providers=providers, threads=threads, record=record, precision=onnx_precision)
 
 
 def _artefact(subject, fmt: Format, row: "LatencyRow") -> Optional[tuple[Path, dict]]:

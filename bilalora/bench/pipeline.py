@@ -182,8 +182,9 @@ def _dehazers(subjects: list[Subject], options: BenchOptions) -> dict[str, Any]:
         elif subject.export is not None:
             from bilalora.runtime import Dehazer
 
+            # quality is scored on the fp32 graph (the export's reference), not whatever is fastest here
             dehazers[subject.name] = Dehazer(subject.export, color="rgb", providers=options.providers,
-                                             threads=options.threads)  # fmt: skip
+                                             threads=options.threads, precision="fp32")  # fmt: skip
     if options.dcp:
         from .baselines import dcp_row
 
