@@ -34,12 +34,12 @@ intact. Output folder: ``--out``, else :func:`bilalora.sources.default_out_dir`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from bilalora.errors import UserError
+from bilalora.runtime.model_json import read_sidecar
 from bilalora.sources import Source, default_out_dir, resolve_source
 
 from .formats import by_key
@@ -135,7 +135,7 @@ def run_export(options: ExportOptions, events: Optional[Events] = None) -> Expor
     except BaseException:
         staging.discard()  # Ctrl-C or a crash: the earlier export stays as it was
         raise
-    record = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    record = read_sidecar(sidecar_path)
     return ExportResult(
         out_dir=out_dir,
         source=source,

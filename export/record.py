@@ -64,13 +64,10 @@ class ExportState:
         out = _quote(self.out_dir)
         images = f" --images {_quote(self.options.images)}" if self.options.images else ""
         inputs = _quote(self.options.images) if self.options.images else "frames/"
-        model = next((a for a in self.artefacts if a.format == "tensorrt"), None) or next(
-            (a for a in self.artefacts if a.format == "onnx"), None
-        )
-        target = _quote(self.out_dir / model.name) if model else out
+        # the folder, not one file: the runtime then picks the fastest artefact that passed its gate here
         return [
             f"bilalora bench --model {out}{images}",
-            f"bilalora run --model {target} --input {inputs} --output dehazed/",
+            f"bilalora run --model {out} --input {inputs} --output dehazed/",
         ]
 
     def artefact_entries(self) -> dict[str, Any]:

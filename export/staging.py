@@ -25,13 +25,12 @@ next export cleans up. Other files in ``<out>/`` are never touched.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
-from bilalora.runtime.model_json import SIDECAR_NAME
+from bilalora.runtime.model_json import SIDECAR_NAME, read_sidecar
 
 from .formats import by_file, managed_files
 
@@ -91,7 +90,7 @@ class Staging:
 
 def _listed_files(record_path: Path) -> set[str]:
     """Files a staged model.json lists as present (artefacts and their companions; not removed ones)."""
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    record = read_sidecar(record_path)
     names: set[str] = set()
     for name, entry in (record.get("artefacts") or {}).items():
         if isinstance(entry, dict) and entry.get("removed"):

@@ -446,7 +446,7 @@ def test_cli_trt_with_fake_tensorrt(tmp_path, monkeypatch):
     engine = record["artefacts"]["model.engine"]
     assert engine["format"] == "tensorrt" and engine["precision"] == "fp16" and engine["parity"] is None
     assert engine["sha256"] == sidecar.sha256_of(out / "model.engine")
-    assert record["next"][1].startswith("bilalora run --model") and "model.engine" in record["next"][1]
+    assert record["next"][1].startswith(f"bilalora run --model {out}") and "model.onnx" not in record["next"][1]
     from bilalora.cli.app import app
 
     registered = {info.name for info in app.registered_commands}
