@@ -19,9 +19,9 @@ search, for several seeds. Reported per variant:
 Three sub-commands so the oracle and the searches can run as two processes;
 ``report`` merges their JSON into the final record and prints a Markdown table:
 
-    nice -n 10 python benchmarks/search_oracle.py oracle --out /tmp/o.json
-    nice -n 10 python benchmarks/search_oracle.py search --out /tmp/s.json
-    python benchmarks/search_oracle.py report --oracle /tmp/o.json --search /tmp/s.json \
+    nice -n 10 python benchmarks/search_oracle.py oracle --out oracle.json
+    nice -n 10 python benchmarks/search_oracle.py search --out search.json
+    python benchmarks/search_oracle.py report --oracle oracle.json --search search.json \
         --out benchmarks/results/search_oracle.json
 
 Data: the photos of ``--images`` are downsized to ``--max-side``, split with a

@@ -22,7 +22,7 @@ What a CPU run can count of a step's cost on a GPU:
 Steps measured: the bilevel search step (2 and 3 passes), the joint search
 step, and the fine-tuning step, on a LoRA'd backbone with the prior objective.
 ``--tree`` runs the same count against another checkout of the package (for a
-before/after comparison), e.g. ``git worktree add /tmp/old <commit>``.
+before/after comparison), e.g. ``git worktree add ../bilalora-old <commit>``.
 
     nice -n 10 python benchmarks/step_profile.py --out benchmarks/results/step_profile.json
 """

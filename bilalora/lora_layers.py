@@ -7,6 +7,7 @@ layers into a model and operates on all of them at once.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -45,7 +46,7 @@ class SiteGate:
         return f"SiteGate(gated={self.gated}, value={float(self.value()):.4f})"
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(nn.Module, abc.ABC):
     """Shared logic of LoRA layers: the factors, the delta, merge/unmerge, the forward pass."""
 
     base: nn.Module
@@ -126,8 +127,9 @@ class LoRALayer(nn.Module):
         self.merged = False
 
     # ------------------------------------------------------------------ forward
+    @abc.abstractmethod
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The wrapped layer's operation with ``weight`` (and the base's ``bias``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not self.enabled:
