@@ -19,7 +19,7 @@ app = typer.Typer(
     name="bilalora",
     help=(
         "Adapt dehazing networks to real haze with bilevel-positioned LoRA, export them "
-        "(ONNX, TensorRT) and run them on cameras and drones.\n\n"
+        "(ONNX, OpenVINO, TensorRT) and run them on cameras and drones.\n\n"
         "images/ -> adapt -> adapter -> export -> model.onnx / model.engine -> run"
     ),
     no_args_is_help=True,
