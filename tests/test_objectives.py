@@ -34,7 +34,7 @@ from bilalora.objectives import (
     register_objective,
 )
 from bilalora.objectives.h2c import NIGHT_NEGATIVE
-from bilalora.objectives.prior import estimate_airlight
+from bilalora.objectives.prior import estimate_airlight, range_term
 
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "tiny_clip.json"
@@ -352,7 +352,7 @@ def test_prior_prefers_dehazed_over_hazy_black_and_washed():
     assert score["clear"] < score["black"]
     assert score["clear"] < score["washed"]
     assert set(prior.last_terms) == {"prior", "prior.dark", "prior.exposure", "prior.colour", "prior.hue",
-                                     "prior.structure"}
+                                     "prior.structure", "prior.range"}
 
 
 def test_prior_hue_term_penalises_hue_swaps_not_saturation_gain():
@@ -368,6 +368,31 @@ def test_prior_hue_term_penalises_hue_swaps_not_saturation_gain():
     assert float(Prior()(clear, hazy)) < float(Prior()(swapped, hazy))
     floored = Prior(dark_floor=0.5).terms(clear, hazy)["dark"]
     assert torch.allclose(floored, torch.zeros(2))
+
+
+def test_prior_range_term_rewards_spanning_the_range_not_beyond_the_gain():
+    clear = textured(seed=8)
+    hazy = clear * 0.5 + 0.45
+    flat_px = clear.flatten(2)
+    lo, hi = flat_px.quantile(0.02, dim=-1)[..., None, None], flat_px.quantile(0.98, dim=-1)[..., None, None]
+    levels = ((clear - lo) / (hi - lo)).clamp(0, 1)  # auto-levels, 2-98 %: each 1 % tail is clipped to 0 / 1
+    assert torch.allclose(range_term(levels), torch.zeros(2), atol=1e-6)  # auto-levelled: nothing to gain
+    assert float(range_term(hazy).mean()) > 0.4  # veil lifts the black point, compresses the span
+    # relative to the input (gain g): the span asked for is min(1, g * input span), not more
+    flat = torch.full((1, 3, 32, 32), 0.7) + 0.02 * torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert float(range_term(flat, hazy=flat, gain=2.0)) < 0.03
+    assert float(range_term(hazy, hazy=hazy, gain=2.0).mean()) > 0.2
+    assert float(range_term(levels, hazy=hazy, gain=2.0).mean()) < 1e-6
+    # with the term on, the prior prefers auto-levels over a flattened (dimmed, compressed) output
+    flattened = 0.5 * hazy + 0.2
+    on, off = Prior(range_weight=2.0), Prior(range_weight=0.0)
+    assert float(on(levels, hazy)) < float(on(flattened, hazy))
+    assert float(on(flattened, hazy)) - float(off(flattened, hazy)) > float(on(levels, hazy)) - float(off(levels, hazy))
+    assert Prior().describe()["weights"]["range"] == 0.5  # on by default (held-out FADE, README "Bench")
+    with pytest.raises(UserError, match="range_fraction"):
+        Prior(range_fraction=0.0)
+    with pytest.raises(UserError, match="range_weight"):
+        Prior(range_weight=-1)
 
 
 def test_airlight_estimate():
@@ -397,7 +422,7 @@ def test_prior_gradients_finite_even_out_of_range():
 def test_prior_terms_and_validation():
     clear = textured()
     terms = Prior().terms(clear, clear)
-    assert set(terms) == {"dark", "exposure", "colour", "hue", "structure"}
+    assert set(terms) == {"dark", "exposure", "colour", "hue", "structure", "range"}
     assert all(t.shape == (2,) for t in terms.values())
     assert torch.allclose(terms["structure"], torch.zeros(2), atol=1e-5)  # identical images
     assert torch.allclose(terms["hue"], torch.zeros(2), atol=1e-5)
