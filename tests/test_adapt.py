@@ -53,6 +53,20 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def _interrupt_at(step: int, *args, **kwargs) -> None:
+    """Run ``adapt(*args, **kwargs)`` and stop it with an exception after global step ``step``."""
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(current, entry):
+        if current == step:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        adapt(*args, on_step=stop, **kwargs)
+
+
 def test_bilevel_run_writes_records(tmp_path, hazy_folder):
     result = adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "run")
     run = tmp_path / "run"
@@ -154,15 +168,7 @@ def test_movement_is_zero_for_an_unchanged_model(tmp_path, hazy_folder, precisio
 def test_resume_reaches_the_same_adapter_without_repeating_log_lines(tmp_path, hazy_folder):
     reference = adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "straight").adapter
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_three(step, entry):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(), tmp_path / "broken", on_step=stop_at_three)
+    _interrupt_at(3, _model(), hazy_folder, ToyObjective(), _config(), tmp_path / "broken")
     assert not (tmp_path / "broken" / "adapter.safetensors").exists()
     messages = []
     resumed = adapt(_model(), hazy_folder, ToyObjective(), _config(rank=4), tmp_path / "broken", resume=True,
@@ -181,15 +187,7 @@ def test_resume_reaches_the_same_adapter_without_repeating_log_lines(tmp_path, h
 def test_resume_applies_a_longer_schedule(tmp_path, hazy_folder):
     run = tmp_path / "run"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 5:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    _interrupt_at(5, _model(), hazy_folder, ToyObjective(), _config(), run)
     messages = []
     result = adapt(_model(), hazy_folder, ToyObjective(), _config(steps=9), run, resume=True,
                    console=_Recorder(messages), given=["steps"])
@@ -314,15 +312,7 @@ def test_resume_from_another_directory(tmp_path, hazy_folder, monkeypatch):
     monkeypatch.chdir(hazy_folder.parent)
     run = tmp_path / "run"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        adapt(_model(), Path(hazy_folder.name), ToyObjective(), _config(), run, on_step=stop)
+    _interrupt_at(2, _model(), Path(hazy_folder.name), ToyObjective(), _config(), run)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -457,15 +447,7 @@ def test_loop_reads_the_host_once_per_log_window(tmp_path, hazy_folder, monkeypa
 def test_resume_names_an_image_gone_from_the_folder(tmp_path, hazy_folder):
     run = tmp_path / "run"
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        adapt(_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    _interrupt_at(2, _model(), hazy_folder, ToyObjective(), _config(), run)
     gone = read_split(run)["train"][0]
     gone.unlink()
     with pytest.raises(UserError, match=f"train image .*{gone.name}.* is gone"):
@@ -503,16 +485,8 @@ def test_resume_keeps_the_runs_input_normalisation(tmp_path, hazy_folder):
         model.bilalora_info["input_norm_source"] = "flag"
         return model
 
-    class Interrupt(Exception):
-        pass
-
-    def stop(step, entry):
-        if step == 3:
-            raise Interrupt
-
     run = tmp_path / "run"
-    with pytest.raises(Interrupt):
-        adapt(clip_model(), hazy_folder, ToyObjective(), _config(), run, on_step=stop)
+    _interrupt_at(3, clip_model(), hazy_folder, ToyObjective(), _config(), run)
     plain = _model()  # resumed without --input-norm: the run's normalisation comes back
     result = adapt(plain, hazy_folder, ToyObjective(), None, run, resume=True)
     assert same_input_norm(result.summary["input_norm"], clip)
