@@ -2,6 +2,11 @@
 
     python benchmarks/adapt_eval.py                                  # dea-net-s (+ dea-net-s-synthetic), day + night
     python benchmarks/adapt_eval.py --bases dea-net-s --sets day --adapt-args "--steps 60 --search-steps 20 --batch 8"
+    python benchmarks/adapt_eval.py --sets day --objective "prior(colour=0)" --score val --out ...   # tuning
+
+``--score val`` scores the validation half instead of the test split: that is where
+objective settings are chosen (the gates saw those photos, the LoRA weights did not),
+so the test split stays held out for the final figures.
 
 For every base (registered backbones only; a missing one is recorded as skipped) and
 every set (``day``: real_day; ``night``: real_night, adapted with ``--night``):
@@ -73,10 +78,10 @@ def targets(quality: dict[str, Any], base: str) -> dict[str, dict[str, Any]]:
     return checks
 
 
-def adapt(images: Path, base: str, extra: list[str], run: Path, log: Path) -> dict[str, Any]:
+def adapt(images: Path, base: str, extra: list[str], run: Path, log: Path, objective: str = "prior") -> dict[str, Any]:
     """Run ``bilalora adapt`` (a subprocess, as a user would) into ``run``; returns what it took."""
     command = [sys.executable, "-m", "bilalora.cli.app", "adapt", "--images", str(images), "--backbone", base,
-               "--objective", "prior", "--out", str(run), *extra]  # fmt: skip
+               "--objective", objective, "--out", str(run), *extra]  # fmt: skip
     print("$", shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as handle:
@@ -88,13 +93,29 @@ def adapt(images: Path, base: str, extra: list[str], run: Path, log: Path) -> di
     return {"command": shlex.join(command[1:]), "seconds": seconds}
 
 
-def evaluate(run: Path, base: str, max_side: int, threads: int, iqa: list[str], dcp: bool) -> dict[str, Any]:
-    """bench on the run's held-out split: the "quality" and "images" records."""
+def split_folder(run: Path, split: str) -> Path:
+    """A folder of links to the run's ``split`` images (``val``), for bench's ``--images``."""
+    from bilalora.runs import read_split
+
+    folder = run / f"{split}_images"
+    folder.mkdir(exist_ok=True)
+    for path in read_split(run)[split]:
+        link = folder / Path(path).name
+        if not link.exists():
+            link.symlink_to(Path(path).resolve())
+    return folder
+
+
+def evaluate(run: Path, base: str, max_side: int, threads: int, iqa: list[str], dcp: bool,
+             score: str = "test") -> dict[str, Any]:
+    """bench on the run's held-out split (or ``score="val"``): the "quality" and "images" records."""
     from bilalora.bench import BenchOptions, run_bench
 
+    images = None if score == "test" else split_folder(run, score)
     options = BenchOptions(adapters=[run / "adapter.safetensors"], backbone=base, max_side=max_side, metrics=METRICS,
-                           iqa=iqa, dcp=dcp, stretch=True, backends=[], threads=threads, report=run / "bench",
-                           sheet=8)  # fmt: skip
+                           iqa=iqa, dcp=dcp, stretch=True, backends=[], threads=threads,
+                           report=run / ("bench" if score == "test" else f"bench_{score}"), sheet=8,
+                           images=images)  # fmt: skip
     result = run_bench(options)
     record = result.record
     quality = dict(record["quality"])
@@ -145,6 +166,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--bases", default="dea-net-s,dea-net-s-synthetic", help="registered backbones")
     parser.add_argument("--sets", default="day,night", help="day (real_day), night (real_night, --night)")
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding real_day/ and real_night/")
+    parser.add_argument("--objective", default="prior", help="bilalora adapt --objective (e.g. prior(colour=0))")
+    parser.add_argument("--score", choices=("test", "val"), default="test",
+                        help="test: the held-out split (final figures); val: the validation half (tuning)")
     parser.add_argument("--adapt-args", default="", help="extra flags for bilalora adapt (e.g. a reduced schedule)")
     parser.add_argument("--max-side", type=int, default=768, help="score images at this longer side")
     parser.add_argument("--iqa", default="piqe", help="pyiqa metrics (comma-separated; empty: none)")
@@ -168,6 +192,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     record: dict[str, Any] = {
         "what": "adapt on train/val, score the held-out test split (bilalora adapt + bench)",
         "machine": f"{cpu_name()} ({os.cpu_count()} CPUs)",
+        "objective": args.objective,
+        "scored_split": args.score,
         "adapt_args": extra,
         "max_side": args.max_side,
         "results": [],
@@ -186,10 +212,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             try:
                 if not args.reuse and args.run is None:
                     log = args.workdir / f"{base}_{name}.log"
-                    entry["adapt"] = adapt(args.data / folder, base, flags + extra, run, log)
+                    entry["adapt"] = adapt(args.data / folder, base, flags + extra, run, log, args.objective)
                 entry["run"] = _summary(run)
                 entry["eval"] = evaluate(run, base, args.max_side, args.threads, parse_list(args.iqa) or [],
-                                         not args.no_dcp)  # fmt: skip
+                                         not args.no_dcp, args.score)  # fmt: skip
                 entry["targets"] = targets(entry["eval"]["quality"], base)
                 entry["status"] = "ok"
                 _print_table(entry)

@@ -31,6 +31,7 @@ from bilalora.objectives import (
     h2c_from_embeddings,
     list_objectives,
     parse_spec,
+    parse_spec_options,
     register_objective,
 )
 from bilalora.objectives.h2c import NIGHT_NEGATIVE
@@ -488,6 +489,25 @@ def test_build_objective_names_and_errors(caplog):
     weighted = build_objective("prior:2")
     assert isinstance(weighted, Composite)
     assert float(weighted(textured(), textured())) == pytest.approx(2 * float(Prior()(textured(), textured())))
+
+
+def test_spec_options_reach_only_their_part():
+    assert parse_spec_options("prior(range=1,colour=0):0.5+h2c") == {
+        "prior": {"range_weight": 1.0, "colour_weight": 0.0}, "h2c": {}}
+    assert parse_spec("prior(range=1e+2)+h2c:2") == [("prior", None), ("h2c", 2.0)]  # '+' inside () is no split
+    tuned = build_objective("prior(range=1,colour=0,hue_reference=grey)", colour_weight=5.0, dark_weight=3.0)
+    assert tuned.weights["range_weight"] == 1.0 and tuned.weights["colour_weight"] == 0.0  # the spec wins
+    assert tuned.weights["dark_weight"] == 3.0 and tuned.hue_reference == "grey"
+    y, x = textured(), textured()
+    expected = Prior(range_weight=1.0, colour_weight=0.0, dark_weight=3.0, hue_reference="grey")(y, x)
+    assert float(tuned(y, x)) == pytest.approx(float(expected))
+    assert float(tuned(y, x)) != pytest.approx(float(Prior(dark_weight=3.0)(y, x)))
+    for spec, words in (("prior(foo=1)", "no option 'foo'"), ("prior(range=abc)", "bad option"),
+                        ("prior(range=1", "unbalanced"), ("prior(range)", "KEY=VALUE"),
+                        ("prior(range=-1)", "range_weight")):
+        with pytest.raises(UserError, match="--objective") as info:
+            build_objective(spec)
+        assert words in str(info.value) and "\n" not in str(info.value)
 
 
 def test_register_objective():

@@ -6,9 +6,12 @@
     loss = obj(output, hazy)      # (N, 3, H, W) each -> 0-d tensor
     obj.last_terms                # {"h2c": ..., "prior": ..., "prior.dark": ..., "total": ...}
 
-A spec is ``NAME`` or ``NAME:WEIGHT`` joined by ``+``. Keyword options are
-forwarded to every selected part that accepts them (by signature); options set
-to None are dropped, so a CLI can pass every flag through unchanged.
+A spec is ``NAME``, ``NAME:WEIGHT`` or ``NAME(KEY=VALUE,...)[:WEIGHT]`` joined by
+``+``; options in parentheses go to that part only (``prior(range=1,colour=0)``:
+a key is a parameter of the part's factory, or a weight named without its
+``_weight`` suffix). Keyword options are forwarded to every selected part that
+accepts them (by signature); options set to None are dropped, so a CLI can pass
+every flag through unchanged. Options in the spec win over keyword options.
 :func:`register_objective` adds a factory under a new name.
 """
 
@@ -37,6 +40,7 @@ __all__ = [
     "h2c_from_embeddings",
     "list_objectives",
     "parse_spec",
+    "parse_spec_options",
     "register_objective",
 ]
 
@@ -106,13 +110,48 @@ def _fmt(weight: float) -> str:
     return f"{weight:g}"
 
 
-def parse_spec(spec: str) -> list[tuple[str, float | None]]:
-    """``"h2c:1+prior:0.5"`` -> ``[("h2c", 1.0), ("prior", 0.5)]``; a bare name gets None."""
+def _split_parts(spec: str) -> list[str]:
+    """Split on ``+`` outside parentheses (``prior(a=1e+2)+h2c`` -> two parts)."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "+" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def _option_value(text: str) -> Any:
+    if text in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _parse(spec: str) -> list[tuple[str, float | None, dict[str, Any]]]:
     valid = ", ".join(list_objectives())
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(f"--objective: empty; use one of {valid}, or a weighted sum such as h2c:1+prior:0.5")
-    parts: list[tuple[str, float | None]] = []
-    for chunk in spec.replace(" ", "").lower().split("+"):
+    parts: list[tuple[str, float | None, dict[str, Any]]] = []
+    for chunk in _split_parts(spec.replace(" ", "").lower()):
+        options: dict[str, Any] = {}
+        if "(" in chunk:
+            head, _, rest = chunk.partition("(")
+            inner, close, tail = rest.partition(")")
+            if not close or "(" in inner or ")" in tail:
+                raise UserError(f"--objective {spec}: unbalanced parentheses in {chunk!r}; "
+                                "write e.g. prior(range=1,colour=0):0.5")  # fmt: skip
+            chunk = head + tail
+            for item in filter(None, inner.split(",")):
+                key, eq, value = item.partition("=")
+                if not eq or not key or not value:
+                    raise UserError(f"--objective {spec}: option {item!r} of {head} must be KEY=VALUE")
+                options[key] = _option_value(value)
         name, sep, weight_text = chunk.partition(":")
         if name not in _REGISTRY:
             raise UserError(f"--objective {spec}: unknown objective {name!r}; valid names: {valid} "
@@ -125,10 +164,39 @@ def parse_spec(spec: str) -> list[tuple[str, float | None]]:
                 weight = float("nan")
             if not (math.isfinite(weight) and weight > 0):
                 raise UserError(f"--objective {spec}: weight {weight_text!r} of {name} must be a number > 0")
-        if any(name == seen for seen, _ in parts):
+        if any(name == seen for seen, _, _ in parts):
             raise UserError(f"--objective {spec}: {name} appears twice")
-        parts.append((name, weight))
+        parts.append((name, weight, _resolve_options(spec, name, options)))
     return parts
+
+
+def _resolve_options(spec: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Map spec keys to the factory's parameters (``range`` -> ``range_weight``); unknown keys fail."""
+    names, var_kw = _accepted(_REGISTRY[name])
+    resolved: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in names or var_kw:
+            resolved[key] = value
+        elif f"{key}_weight" in names:
+            resolved[f"{key}_weight"] = value
+        else:
+            choices = ", ".join(sorted(n.removesuffix("_weight") for n in names))
+            raise UserError(f"--objective {spec}: {name} has no option {key!r}; options: {choices}")
+        if isinstance(resolved.get(key, resolved.get(f"{key}_weight")), float):
+            number = resolved.get(key, resolved.get(f"{key}_weight"))
+            if not math.isfinite(number):
+                raise UserError(f"--objective {spec}: option {key} of {name} must be finite")
+    return resolved
+
+
+def parse_spec(spec: str) -> list[tuple[str, float | None]]:
+    """``"h2c:1+prior:0.5"`` -> ``[("h2c", 1.0), ("prior", 0.5)]``; a bare name gets None."""
+    return [(name, weight) for name, weight, _ in _parse(spec)]
+
+
+def parse_spec_options(spec: str) -> dict[str, dict[str, Any]]:
+    """``"prior(range=1,colour=0)"`` -> ``{"prior": {"range_weight": 1.0, "colour_weight": 0.0}}``."""
+    return {name: options for name, _, options in _parse(spec)}
 
 
 def _accepted(factory: Callable[..., Objective]) -> tuple[set[str], bool]:
@@ -156,7 +224,8 @@ def build_objective(spec: str, **options: Any) -> Objective:
     """Build an objective from a spec (``h2c``, ``prior``, ``h2c+prior``, ``h2c:1+prior:0.5``).
 
     Args:
-        spec: the ``--objective`` value.
+        spec: the ``--objective`` value; per-part options in parentheses
+            (``prior(range=1,colour=0)``) are passed to that part only.
         **options: forwarded to each part that accepts them; H2C: ``clip``,
             ``pretrained``, ``clip_config``, ``negative``, ``positive``, ``night``,
             ``mode``, ``device``; Prior: ``dark_weight``, ``exposure_weight``,
@@ -175,7 +244,7 @@ def build_objective(spec: str, **options: Any) -> Objective:
             whatever a part raises (e.g. CLIP weights that cannot be loaded).
         TypeError: an option no registered objective accepts (a programming error).
     """
-    parts = parse_spec(spec)
+    parts = _parse(spec)
     options = {k: v for k, v in options.items() if v is not None}
     known_anywhere: set[str] = set()
     for factory in _REGISTRY.values():
@@ -189,12 +258,18 @@ def build_objective(spec: str, **options: Any) -> Objective:
 
     built: list[tuple[Objective, float]] = []
     used: set[str] = set()
-    for name, weight in parts:
+    for name, weight, own in parts:
         factory = _REGISTRY[name]
         names, var_kw = _accepted(factory)
         kwargs = {k: v for k, v in options.items() if var_kw or k in names}
         used |= set(kwargs)
-        built.append((factory(**kwargs), 1.0 if weight is None else weight))
+        kwargs.update(own)
+        try:
+            built.append((factory(**kwargs), 1.0 if weight is None else weight))
+        except (TypeError, ValueError, UserError) as exc:
+            if not own:
+                raise
+            raise UserError(f"--objective {spec}: bad option for {name}: {exc}") from None
     unused = sorted(k for k in set(options) - used - {"device"} if not _is_default(k, options[k]))
     if unused:
         log.warning("objective %s ignores option(s): %s", spec, ", ".join(unused))
