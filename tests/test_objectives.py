@@ -631,3 +631,36 @@ def test_hazy_embedding_once_per_batch(tiny_loaded, monkeypatch):
     composite.prepare(other)
     composite(outputs[0], other)
     assert calls.count(False) == 1
+
+
+def test_saturation_term_asks_for_the_haze_models_chroma():
+    """A colourful scene under a grey veil: the hazy image falls short, the clear scene does not."""
+    from bilalora.objectives.prior import estimate_airlight, estimate_transmission, saturation_term
+
+    torch.manual_seed(0)
+    clear = torch.rand(1, 3, 64, 64) * 0.8 + 0.1
+    clear[:, :, :, 32:] = torch.tensor([0.1, 0.2, 0.7]).view(1, 3, 1, 1) + 0.05 * torch.rand(1, 3, 64, 32)
+    t = torch.full((1, 1, 64, 64), 0.4)
+    veil = torch.tensor([0.9, 0.9, 0.9]).view(1, 3, 1, 1)
+    hazy = clear * t + veil * (1 - t)
+    airlight = estimate_airlight(hazy)
+    transmission = estimate_transmission(hazy, airlight)
+    assert transmission.shape == (1, 1, 64, 64) and 0.1 <= float(transmission.min()) <= float(transmission.max()) <= 1
+    short = saturation_term(hazy, hazy, airlight)
+    assert float(short) > 0.01
+    assert float(saturation_term(clear, hazy, airlight)) < 0.2 * float(short)
+    # one-sided: more chroma than asked costs nothing; the gradient raises chroma
+    vivid = airlight.view(1, 3, 1, 1) + 10 * (hazy - airlight.view(1, 3, 1, 1))  # chroma x 10 >= kappa / t_min
+    assert float(saturation_term(vivid, hazy, airlight)) == 0.0
+    output = hazy.clone().requires_grad_(True)
+    saturation_term(output, hazy, airlight).sum().backward()
+    stepped = (output - 0.5 * output.grad).detach()
+    assert float(saturation_term(stepped, hazy, airlight)) < float(short)
+    prior = Prior(saturation_weight=10.0)
+    prior(hazy, hazy)
+    assert float(prior.last_terms["prior.saturation"]) == pytest.approx(float(short), rel=1e-4)
+    plain = Prior()
+    plain(hazy, hazy)
+    assert "prior.saturation" not in plain.last_terms  # weight 0: not computed
+    with pytest.raises(UserError, match="saturation_kappa"):
+        Prior(saturation_kappa=0.0)

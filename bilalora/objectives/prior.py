@@ -50,13 +50,27 @@ bf16 region does not reach the blur convolutions or the variances:
                 ``range_gain`` g > 0 asks instead for span >= min(1, g x the input's
                 span) (relu of the shortfall; the haze model bounds the gain by 1/t).
 
+    saturation = mean_p( relu( min(kappa |c_x| / t, c_max) - |c_y| ) )  on 4 x 4 averages,
+                c as in the hue term (chroma relative to the airlight A), t = the input's
+                transmission by the dark channel prior (He et al.: t = 1 - 0.95 dark(x / A),
+                15 x 15 minimum, clamped to [0.1, 1]; no gradient), kappa 0.5, c_max 0.3.
+                The haze model J = (I - A) / t + A scales chroma relative to A by 1/t;
+                the hue term lets it grow but never asks for it, so the cheapest way to
+                satisfy the dark and range terms was to leave chroma where the hazy
+                input had it (measured: colourfulness fell below the base's). This
+                one-sided term asks for a fraction kappa of the chroma the haze model
+                predicts (half, so the DCP's error and noise in dense haze are not
+                amplified), capped at c_max; exceeding it is free. Default weight 0
+                (off) unless measurement says otherwise.
+
     L = dark_weight * dark + exposure_weight * exposure + colour_weight * colour
         + hue_weight * hue + structure_weight * structure + range_weight * range
+        + saturation_weight * saturation
 
 ``dark_floor`` (default 0) turns the dark term into mean(relu(dark_map - floor)), so
 the output is not pushed below a residual haze level.
 ``last_terms`` holds ``prior.dark``, ``prior.exposure``, ``prior.colour``,
-``prior.hue``, ``prior.structure``, ``prior.range`` (unweighted) and ``prior`` (the weighted total).
+``prior.hue``, ``prior.structure``, ``prior.range``, ``prior.saturation`` (unweighted) and ``prior`` (the weighted total).
 """
 
 from __future__ import annotations
@@ -69,8 +83,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import Objective, check_pair, clamp01, fp32_region
 
-__all__ = ["Prior", "colour_term", "estimate_airlight", "exposure_term", "hue_term", "luminance", "range_term",
-           "soft_dark_channel", "structure_term"]
+__all__ = ["Prior", "colour_term", "estimate_airlight", "estimate_transmission", "exposure_term", "hue_term",
+           "luminance", "range_term", "saturation_term", "soft_dark_channel", "structure_term"]
 
 C2 = 0.03 ** 2
 
@@ -157,6 +171,36 @@ def hue_term(output: torch.Tensor, hazy: torch.Tensor, pool: int = 4, delta: flo
     return (off + (-q[:, 0]).relu()).mean(dim=(1, 2))
 
 
+def estimate_transmission(hazy: torch.Tensor, airlight: torch.Tensor, window: int = 15, omega: float = 0.95,
+                          t_min: float = 0.1) -> torch.Tensor:
+    """He et al.'s transmission: (N, 3, H, W) in [0, 1], airlight (N, 3) -> (N, 1, H, W) in [t_min, 1], no gradient."""
+    with torch.no_grad():
+        x = hazy.float() / airlight.float().view(-1, 3, 1, 1).clamp_min(1e-3)
+        dark = -F.max_pool2d(-x.amin(dim=1, keepdim=True), window, stride=1, padding=window // 2)
+        return (1.0 - omega * dark).clamp(t_min, 1.0)
+
+
+def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Tensor, pool: int = 4,
+                    kappa: float = 0.5, ceiling: float = 0.3) -> torch.Tensor:
+    """Chroma shortfall against the haze model's prediction; (N,), >= 0 (RGB units).
+
+    On ``pool`` x ``pool`` averages of ``v - A``: ``relu(min(kappa |c_x| / t, ceiling) - |c_y|)``
+    averaged over pixels, with ``c`` the chroma relative to the airlight ``A`` (N, 3) and
+    ``t`` the input's dark-channel transmission (:func:`estimate_transmission`).
+    """
+    y, x = output.float(), hazy.float()
+    t = estimate_transmission(x, airlight)
+    a = airlight.float().view(-1, 3, 1, 1)
+    y, x = y - a, x - a
+    k = min(pool, y.shape[-2], y.shape[-1])
+    if k > 1:
+        y, x, t = F.avg_pool2d(y, k, stride=k), F.avg_pool2d(x, k, stride=k), F.avg_pool2d(t, k, stride=k)
+    cy, cx = y - luminance(y), x - luminance(x)
+    size_y = torch.sqrt((cy * cy).sum(dim=1) + 1e-10)
+    target = (kappa * cx.norm(dim=1) / t[:, 0]).clamp(max=ceiling)
+    return (target - size_y).relu().mean(dim=(1, 2))
+
+
 def _tails(images: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     v = images.float().flatten(2)
     k = max(1, int(round(fraction * v.shape[-1])))
@@ -232,6 +276,8 @@ class Prior(Objective):
         range_fraction: tail size of the range term's soft percentiles (0.01 = 1-99 %).
         range_gain: 0 (default): the range term asks each channel to span [0, 1];
             g > 0: it asks for a span of min(1, g x the input's span) instead.
+        saturation_weight: weight of the one-sided chroma term (haze-model prediction).
+        saturation_kappa: fraction of the predicted chroma asked for.
 
     The range term (weight 0.5) was chosen on real_day's held-out split with a reduced
     schedule (``benchmarks/results/adapt_eval_day_reduced_range.json``): FADE 0.458
@@ -272,11 +318,14 @@ class Prior(Objective):
         range_weight: float = 0.5,
         range_fraction: float = 0.01,
         range_gain: float = 0.0,
+        saturation_weight: float = 0.0,
+        saturation_kappa: float = 0.5,
     ) -> None:
         super().__init__()
         weights = {"dark_weight": dark_weight, "exposure_weight": exposure_weight,
                        "colour_weight": colour_weight, "hue_weight": hue_weight,
-                   "structure_weight": structure_weight, "range_weight": range_weight}
+                   "structure_weight": structure_weight, "range_weight": range_weight,
+                   "saturation_weight": saturation_weight}
         for key, value in weights.items():
             if not (float(value) >= 0.0 and float(value) < float("inf")):
                 raise UserError(f"prior {key} must be a finite number >= 0, got {value!r}")
@@ -298,6 +347,9 @@ class Prior(Objective):
             raise UserError(f"prior range_fraction must lie in (0, 0.5], got {range_fraction!r}")
         self.range_fraction = float(range_fraction)
         self.range_gain = float(range_gain)
+        if not 0.0 < float(saturation_kappa) <= 1.0:
+            raise UserError(f"prior saturation_kappa must lie in (0, 1], got {saturation_kappa!r}")
+        self.saturation_kappa = float(saturation_kappa)
         if hue_reference not in ("airlight", "grey"):
             raise UserError(f"prior hue_reference must be 'airlight' or 'grey', got {hue_reference!r}")
         self.hue_reference = hue_reference
@@ -317,15 +369,19 @@ class Prior(Objective):
                 target = (self.exposure_relative * luminance(x).mean(dim=(1, 2, 3))).clamp(0.05, 0.95)
             else:
                 target = self.exposure_target
-            return {
+            airlight = estimate_airlight(x)
+            terms = {
                 "dark": (soft_dark_channel(y, self.dark_window, self.tau) - self.dark_floor).relu().mean(
                     dim=(1, 2, 3)),
                 "exposure": exposure_term(y, target),
                 "colour": colour_term(y),
-                "hue": hue_term(y, x, airlight=estimate_airlight(x) if self.hue_reference == "airlight" else None),
+                "hue": hue_term(y, x, airlight=airlight if self.hue_reference == "airlight" else None),
                 "structure": structure_term(y, x),
                 "range": range_term(y, self.range_fraction, x, self.range_gain),
             }
+            if self.weights["saturation_weight"] > 0:
+                terms["saturation"] = saturation_term(y, x, airlight, kappa=self.saturation_kappa)
+            return terms
 
     def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
         terms = {k: v.mean() for k, v in self.terms(output, hazy).items()}
@@ -346,5 +402,6 @@ class Prior(Objective):
             "tau": self.tau,
             "range_fraction": self.range_fraction,
             "range_gain": self.range_gain,
+            "saturation_kappa": self.saturation_kappa,
             "clamp": "inward pass-through",
         }
