@@ -12,7 +12,8 @@ from bilalora.parsing import parse_list
 
 from .common import console, resolve_device, user_errors
 
-_DEFAULTS_NOTE = "defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by measurement"
+_DEFAULTS_NOTE = ("defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by measurement, "
+                  "and the schedule, which is the cpu preset on the CPU (--schedule)")
 
 #: CLI parameter -> AdaptConfig field (``optim.*`` for the optimiser), for the flags a resumed run compares.
 _CONFIG_FIELDS = {
@@ -21,7 +22,7 @@ _CONFIG_FIELDS = {
     "search_epochs": "search_epochs", "batch": "batch", "crop": "crop", "seed": "seed", "precision": "precision",
     "passes": "passes", "test_fraction": "test_fraction", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "max_side": "max_side",
-    "recursive": "recursive", "workers": "workers", "lr": "optim.lr", "gate_lr": "optim.gate_lr",
+    "recursive": "recursive", "workers": "workers", "schedule": "schedule", "lr": "optim.lr", "gate_lr": "optim.gate_lr",
     "clip_norm": "optim.clip_norm", "hypergradient": "optim.hypergradient", "gate_optimizer": "optim.gate_optimizer",
 }
 
@@ -56,16 +57,25 @@ def adapt_command(
     top_k: int = typer.Option(3, "--top-k", "-k", help="Sites kept for stage B."),
     rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank."),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA alpha (scale = alpha / rank)."),
+    schedule: str = typer.Option(
+        "auto", "--schedule",
+        help="Preset of --batch, --crop, --search-steps, --steps, --max-side: paper (24, 224, 5 epochs but at least "
+        "55 steps, 30 epochs but at least 330 steps, full size) | cpu (4, 96, 20, 60, 512) | auto (paper on a GPU, "
+        "cpu on the CPU). Flags given explicitly win.",
+    ),
     steps: Optional[int] = typer.Option(
-        None, "--steps", help="Total steps, search included (default: 30 epochs, at least 330 steps)."
+        None, "--steps", help="Total steps, search included (default: the preset's; paper: 30 epochs, at least 330)."
     ),
     search_steps: Optional[int] = typer.Option(
-        None, "--search-steps", help="Steps of stage A, bilevel/joint (default: 5 epochs, at least 55 steps)."
+        None, "--search-steps",
+        help="Steps of stage A, bilevel/joint (default: the preset's; paper: 5 epochs, at least 55).",
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Total length in passes over the train images."),
     search_epochs: Optional[int] = typer.Option(None, "--search-epochs", help="Stage A length in passes."),
-    batch: int = typer.Option(24, "--batch", help="Batch size."),
-    crop: int = typer.Option(224, "--crop", help="Training crop side (multiple of 4)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default: the preset's, paper 24, cpu 4)."),
+    crop: Optional[int] = typer.Option(
+        None, "--crop", help="Training crop side, a multiple of 4 (default: the preset's, paper 224, cpu 96)."
+    ),
     test_fraction: float = typer.Option(
         0.2, "--test-fraction", help="Images held out from both levels, for `bench` (at least 1 image from 3 on)."
     ),
@@ -87,7 +97,10 @@ def adapt_command(
     log_every: int = typer.Option(10, "--log-every", help="Steps between log lines and gate readings."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints (0: stage ends)."),
     checkpoint_minutes: float = typer.Option(10.0, "--checkpoint-minutes", help="Minutes between checkpoints."),
-    max_side: Optional[int] = typer.Option(None, "--max-side", help="Downsize larger images to this side first."),
+    max_side: Optional[int] = typer.Option(
+        None, "--max-side", help="Downsize larger images to this side first (default: the preset's, paper none, "
+        "cpu 512; 0: full size)."
+    ),
     recursive: bool = typer.Option(False, "--recursive", help="Also read images in subfolders."),
     passes: int = typer.Option(2, "--passes", hidden=True, help="3 = the release's three-pass search step."),
 ) -> None:
@@ -96,6 +109,7 @@ def adapt_command(
 
     from bilalora import backbones
     from bilalora.adapt import AdaptConfig, adapt, candidate_sites
+    from bilalora.adapt.config import resolve_preset
     from bilalora.data import list_images
     from bilalora.errors import UserError
     from bilalora.objectives import build_objective
@@ -118,9 +132,12 @@ def adapt_command(
         lora_alpha=lora_alpha, steps=steps, search_steps=search_steps, epochs=epochs, search_epochs=search_epochs,
         batch=batch, crop=crop, seed=seed, precision=precision, passes=passes, test_fraction=test_fraction,
         log_every=log_every, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes,
-        max_side=max_side, recursive=recursive, workers=workers, optim=_optim_config(OptimConfig, optim),
+        max_side=max_side, schedule=schedule.lower(), recursive=recursive, workers=workers,
+        optim=_optim_config(OptimConfig, optim),
     )
     config.validate()
+    if not resume:
+        config = resolve_preset(config, device)  # the preset's values where flags were not given (shown below)
     if out is not None:
         check_run_dir(out, resume, exist_ok)  # an earlier run in --out is refused before anything loads
     if not resume:
@@ -145,8 +162,8 @@ def adapt_command(
     else:
         console.print(
             f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, method {method}, "
-            f"device {device}, top-k {top_k}, rank {rank}, alpha {lora_alpha:g}, batch {batch}, crop {crop}, "
-            f"lr {lr:g}, gate-lr {gate_lr:g} ({config.optim.gate_optimizer}), hypergradient "
+            f"device {device}, top-k {top_k}, rank {rank}, alpha {lora_alpha:g}, batch {config.batch}, "
+            f"crop {config.crop}, lr {lr:g}, gate-lr {gate_lr:g} ({config.optim.gate_optimizer}), hypergradient "
             f"{config.optim.hypergradient}, seed {seed}"
         )
         console.print(f"[dim]{_DEFAULTS_NOTE}[/]")

@@ -13,8 +13,10 @@ from bad_corpus import make_bad_corpus
 
 from bilalora import backbones
 from bilalora.adapt import MIN_SEARCH_STEPS, AdaptConfig, adapt, resolve_schedule, split_images
+from bilalora.adapt.config import PRESETS, describe_preset, reconcile_resume, resolve_preset
 from bilalora.adapt.report import gate_separation, movement
 from bilalora.adapt.schedule import StepCrops, eval_batches
+from bilalora.adapt.state import read_checkpoint
 from bilalora.adapter import Adapter
 from bilalora.errors import UserError
 from bilalora.runs import read_split
@@ -322,17 +324,95 @@ def test_resume_from_another_directory(tmp_path, hazy_folder, monkeypatch):
 
 
 def test_default_schedule_has_a_floor_in_steps():
-    """Any folder of 8-100 images gets at least ~55 search steps at the default batch."""
+    """Under the paper preset any folder of 8-100 images gets at least ~55 search steps at its batch of 24."""
+    paper = AdaptConfig(schedule="paper")
     for n_images in (8, 20, 34, 68, 100):
         split = split_images([Path(f"{i:03d}.jpg") for i in range(n_images)], seed=0, test_fraction=0.2)
-        schedule = resolve_schedule(AdaptConfig(), len(split.train))
+        schedule = resolve_schedule(paper, len(split.train))
         assert schedule.steps("search") >= 50 and schedule.steps("search") >= MIN_SEARCH_STEPS
         assert schedule.steps("finetune") >= 270
-        assert "search 55 steps" in schedule.describe()
-    big = resolve_schedule(AdaptConfig(), 480)  # 20 steps per epoch: the paper's 5 / 30 epochs win
+        assert "search 55 steps" in schedule.describe() and "batch 24" in schedule.describe()
+        assert resolve_schedule(AdaptConfig(), len(split.train), "cuda").as_dict() == schedule.as_dict()  # auto
+    big = resolve_schedule(paper, 480)  # 20 steps per epoch: the paper's 5 / 30 epochs win
     assert big.as_dict() == {"search": 100, "finetune": 500}
-    assert resolve_schedule(AdaptConfig(epochs=3, search_epochs=1), 8).as_dict() == {"search": 1, "finetune": 2}
-    assert resolve_schedule(AdaptConfig(method="manual"), 40).as_dict() == {"finetune": 330}
+    assert resolve_schedule(AdaptConfig(schedule="paper", epochs=3, search_epochs=1), 8).as_dict() == {
+        "search": 1, "finetune": 2}
+    assert resolve_schedule(AdaptConfig(schedule="paper", method="manual"), 40).as_dict() == {"finetune": 330}
+
+
+def test_presets_by_device():
+    """auto: the cpu preset on the CPU, the paper's on any accelerator; named presets whatever the device."""
+    for device in ("cpu", "CPU"):
+        config = resolve_preset(AdaptConfig(), device)
+        assert (config.preset, config.explicit) == ("cpu", [])
+        assert (config.batch, config.crop, config.search_steps, config.steps, config.max_side) == (4, 96, 20, 60, 512)
+    for device in ("cuda", "cuda:1", "mps", torch.device("cuda", 0)):
+        config = resolve_preset(AdaptConfig(), device)
+        assert (config.preset, config.explicit) == ("paper", [])
+        assert (config.batch, config.crop, config.search_steps, config.steps, config.max_side) == (
+            24, 224, None, None, None)
+    assert resolve_preset(AdaptConfig(schedule="paper"), "cpu").batch == 24
+    assert resolve_preset(AdaptConfig(schedule="cpu"), "cuda").batch == 4
+    assert PRESETS["cpu"] == {"batch": 4, "crop": 96, "search_steps": 20, "steps": 60, "max_side": 512}
+    # the stage lengths: 20 search steps of 60 on the CPU whatever the folder
+    for n_train in (3, 27, 200):
+        assert resolve_schedule(AdaptConfig(), n_train).as_dict() == {"search": 20, "finetune": 40}
+        assert resolve_schedule(AdaptConfig(method="full"), n_train).as_dict() == {"finetune": 60}
+    assert resolve_schedule(AdaptConfig(), 27, "cuda").as_dict() == {"search": 55, "finetune": 275}
+    with pytest.raises(UserError, match="--schedule fast: use one of auto, paper, cpu"):
+        AdaptConfig(schedule="fast").validate()
+    with pytest.raises(UserError, match="--max-side must be >= 0"):
+        AdaptConfig(max_side=-1).validate()
+
+
+def test_explicit_settings_win_over_the_preset():
+    config = AdaptConfig(batch=8, max_side=0)
+    resolved = resolve_preset(config, "cpu")
+    assert config.batch == 8 and config.crop is None and not config.resolved  # the caller's config is not changed
+    assert (resolved.batch, resolved.crop, resolved.max_side, resolved.steps) == (8, 96, 0, 60)
+    assert resolved.explicit == ["batch", "max_side"]
+    # a stage given in epochs takes no steps from the preset; the other stage still does
+    resolved = resolve_preset(AdaptConfig(epochs=10), "cpu")
+    assert (resolved.steps, resolved.epochs, resolved.search_steps, resolved.explicit) == (None, 10, 20, ["epochs"])
+    assert resolve_schedule(resolved, 27).as_dict() == {"search": 20, "finetune": 50}  # 10 epochs of 7 steps
+    resolved = resolve_preset(AdaptConfig(crop=128, steps=100, search_epochs=2), "cuda")
+    assert (resolved.crop, resolved.batch, resolved.steps, resolved.search_steps) == (128, 24, 100, None)
+    assert resolved.explicit == ["crop", "steps", "search_epochs"]
+    # resolving again (a resumed run on another device) changes nothing
+    again = resolve_preset(resolve_preset(AdaptConfig(), "cpu"), "cuda")
+    assert (again.preset, again.batch, again.crop, again.max_side) == ("cpu", 4, 96, 512)
+    # a record of a run from before presets: its values as they were, called the paper's
+    legacy = {k: v for k, v in resolve_preset(AdaptConfig(), "cuda").as_dict().items()
+              if k not in ("schedule", "preset", "explicit")}
+    old = AdaptConfig.from_dict(legacy)
+    assert (old.preset, old.batch, old.crop, old.max_side) == ("paper", 24, 224, None)
+    assert resolve_preset(old, "cpu").batch == 24
+
+
+def test_preset_line():
+    assert describe_preset(AdaptConfig(), "cpu") == (
+        "schedule: cpu preset (device cpu; --schedule paper for the paper's: at least 55+275 steps at batch 24, "
+        "crops of 224)")
+    assert describe_preset(AdaptConfig(), "cuda:0").startswith("schedule: paper preset (device cuda:0; --schedule cpu")
+    line = describe_preset(AdaptConfig(schedule="paper", batch=8, epochs=3), "cpu")
+    assert line.startswith("schedule: paper preset (--schedule paper; --batch, --epochs given; --schedule cpu for")
+    resumed = describe_preset(resolve_preset(AdaptConfig(), "cpu"), "cuda", resumed=True)
+    assert resumed.startswith("schedule: cpu preset (the interrupted run's, kept on device cuda; a new run takes "
+                              "--schedule paper")
+
+
+def test_resume_keeps_the_preset():
+    """The checkpoint's resolved schedule stays on resume; a differing --schedule or --batch is named as ignored."""
+    saved = resolve_preset(AdaptConfig(), "cpu")
+    config, applied, ignored = reconcile_resume(saved, AdaptConfig())  # the API's default request: nothing asked
+    assert (applied, ignored) == ([], []) and config.as_dict() == saved.as_dict()
+    config, applied, ignored = reconcile_resume(saved, AdaptConfig(schedule="paper", batch=8))
+    assert ignored == ["--batch", "--schedule"] and (config.batch, config.preset, config.schedule) == (4, "cpu", "auto")
+    config, applied, ignored = reconcile_resume(saved, AdaptConfig(schedule="paper", epochs=5),
+                                                given=["schedule", "epochs"])
+    assert applied == ["--epochs"] and ignored == ["--schedule"]
+    assert (config.epochs, config.steps, config.search_steps) == (5, None, 20)  # --epochs replaces the preset's steps
+    assert config.explicit == ["epochs"]
 
 
 def test_split_holds_out_a_test_image():
@@ -497,3 +577,35 @@ def test_resume_keeps_the_runs_input_normalisation(tmp_path, hazy_folder):
     other.bilalora_info["input_norm_source"] = "flag"
     with pytest.raises(UserError, match="input normalisation"):
         adapt(other, hazy_folder, ToyObjective(), None, run, resume=True)
+
+
+def test_run_records_and_prints_its_preset(tmp_path, hazy_folder):
+    """A run on the CPU leaving batch and image size to the preset: cpu values, the line before the schedule."""
+    messages = []
+    config = _config(batch=None, max_side=None)
+    result = adapt(_model(), hazy_folder, ToyObjective(), config, tmp_path / "run", console=_Recorder(messages))
+    preset = result.summary["schedule_preset"]
+    assert preset == {"requested": "auto", "preset": "cpu", "explicit": ["crop", "search_steps", "steps"],
+                      "values": {"batch": 4, "crop": 32, "search_steps": 4, "steps": 6, "max_side": 512}}
+    recorded = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert recorded["schedule_preset"] == preset and recorded["config"]["preset"] == "cpu"
+    assert recorded["config"]["batch"] == 4 and recorded["data"]["max_side"] == 512
+    line = next(i for i, m in enumerate(messages) if m.startswith("schedule: cpu preset"))
+    assert messages[line] == ("schedule: cpu preset (device cpu; --crop, --search-steps, --steps given; --schedule "
+                              "paper for the paper's: at least 55+275 steps at batch 24, crops of 224)")
+    assert messages[line + 1].startswith("schedule: search 4 steps") and "batch 4 from 3" in messages[line + 1]
+    assert config.batch is None  # the caller's config is left as it was
+
+
+def test_resume_keeps_the_runs_preset(tmp_path, hazy_folder):
+    run = tmp_path / "run"
+    _interrupt_at(2, _model(), hazy_folder, ToyObjective(), _config(batch=None), run)
+    assert read_checkpoint(run)["config"]["preset"] == "cpu"
+    messages = []
+    result = adapt(_model(), hazy_folder, ToyObjective(), AdaptConfig(schedule="paper", batch=8), run, resume=True,
+                   console=_Recorder(messages), given=["batch", "schedule"])
+    assert any("--batch, --schedule ignored" in m for m in messages)
+    assert ("schedule: cpu preset (the interrupted run's; --crop, --search-steps, --steps given; a new run takes "
+            "--schedule paper for the paper's") in "\n".join(messages)
+    assert result.summary["schedule_preset"]["preset"] == "cpu" and result.summary["config"]["batch"] == 4
+    assert result.summary["schedule"] == {"search": 4, "finetune": 2}

@@ -160,10 +160,12 @@ def test_adapt_resume_cli(tmp_path, hazy_folder, base_weights):
     torch.save(backbones.create("dea-net-t").state_dict(), other)
     _fails_in_one_line([*common, "--weights", str(other), "--resume"], "not the ones the interrupted run")
     result = _invoke(["adapt", *common, "--weights", str(base_weights), "--resume", "--steps", "6", "--rank", "4",
-                      "--device", "cpu"])
-    assert "applying --steps" in result.output and "--rank ignored" in result.output
+                      "--device", "cpu", "--schedule", "paper"])
+    assert "applying --steps" in result.output and "--rank, --schedule ignored" in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["schedule"] == {"search": 2, "finetune": 4} and summary["config"]["rank"] == 8
+    assert summary["schedule_preset"]["preset"] == "cpu" and summary["config"]["max_side"] == 512  # the run's preset
+    assert "schedule: cpu preset (the interrupted run's;" in result.output
 
 
 def test_adapt_resume_refuses_a_crafted_checkpoint(tmp_path, hazy_folder, base_weights):
@@ -183,6 +185,31 @@ def test_adapt_resume_refuses_a_crafted_checkpoint(tmp_path, hazy_folder, base_w
     (out / "checkpoints" / "last.pt").write_bytes(pickle.dumps({"config": Payload()}))
     _fails_in_one_line([*common, "--resume"], "cannot read checkpoint")
     assert not marker.exists()
+
+
+def test_adapt_schedule_presets_cli(tmp_path, hazy_folder, base_weights):
+    """--schedule: the cpu preset on the CPU by default (explicit flags win), the paper's on request."""
+    common = ["--images", str(hazy_folder), "--objective", "prior", "--backbone", "dea-net-t",
+              "--weights", str(base_weights), "--steps", "3", "--search-steps", "2", "--crop", "32", "--workers", "0",
+              "--device", "cpu"]
+    result = _invoke(["adapt", *common, "--out", str(tmp_path / "auto")])
+    flat = " ".join(result.output.split())  # the console wraps long lines
+    assert ("schedule: cpu preset (device cpu; --crop, --search-steps, --steps given; --schedule paper for the "
+            "paper's: at least 55+275 steps at batch 24, crops of 224) schedule: search 2 steps") in flat
+    assert "batch 4 from" in flat and "batch 4, crop 32" in flat  # the banner shows the values the run uses
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["schedule_preset"] == {"requested": "auto", "preset": "cpu",
+                                          "explicit": ["crop", "search_steps", "steps"],
+                                          "values": {"batch": 4, "crop": 32, "search_steps": 2, "steps": 3,
+                                                     "max_side": 512}}
+    result = _invoke(["adapt", *common, "--schedule", "paper", "--batch", "2", "--out", str(tmp_path / "paper")])
+    assert "schedule: paper preset (--schedule paper; --batch, --crop, --search-steps, --steps given" in " ".join(
+        result.output.split())
+    summary = json.loads((tmp_path / "paper" / "summary.json").read_text())
+    assert summary["schedule_preset"]["preset"] == "paper" and summary["config"]["batch"] == 2
+    assert summary["config"]["max_side"] is None and summary["data"]["max_side"] is None
+    _fails_in_one_line([*common, "--schedule", "fast", "--out", str(tmp_path / "bad")], "--schedule fast")
+    _fails_in_one_line([*common, "--max-side", "-1", "--out", str(tmp_path / "bad")], "--max-side must be >= 0")
 
 
 def test_adapt_prints_the_schedule_and_names_bad_files(tmp_path, base_weights):

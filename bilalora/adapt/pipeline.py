@@ -18,7 +18,7 @@ from ..devices import autocast_factory, uses_bf16
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_json
 from ..runs import ADAPTER_NAME, FULL_NAME, check_run_dir, checkpoint_path, clear_run_files
-from .config import AdaptConfig, reconcile_resume
+from .config import PRESET_FIELDS, AdaptConfig, describe_preset, reconcile_resume, resolve_preset
 from .loop import run_stages, truncate_log
 from .report import gate_separation, movement, plot_results
 from .schedule import Schedule, Split, StepCrops, eval_batches, image_subset, resolve_schedule, split_images
@@ -103,6 +103,8 @@ def adapt(
         objective: callable (output, hazy) -> 0-d loss, with ``to(device)`` and ``describe()``.
         config: the run's settings; on resume None means the checkpoint's, and only
             the schedule length and bookkeeping (:data:`RESUME_APPLIED`) are taken from it.
+            Fields left to the preset are filled for ``device`` (:func:`resolve_preset`);
+            a resumed run keeps the preset it resolved when it started.
         run_dir: output folder (created). A folder holding an earlier run is
             refused unless ``resume`` (continue it) or ``exist_ok`` (replace it).
         device: torch device string.
@@ -116,13 +118,14 @@ def adapt(
     created = not run_dir.exists() or not any(run_dir.iterdir())
     check_run_dir(run_dir, resume, exist_ok)
     record = read_checkpoint(run_dir) if resume else None
-    config = _settle_config(config, record, given, say)
+    config = _settle_config(config, record, given, device, say)
     try:
         if not resume and not created:
             _replace_earlier_run(run_dir, say)
         data = _load_data(images, run_dir, config, resume, say)
         base, base_fingerprint = _prepare_model(model, record, config.crop)
         schedule = resolve_schedule(config, len(data.train))
+        say(describe_preset(config, device, resumed=record is not None))
         say(schedule.describe())
         state = _start_state(model, config, device, base_fingerprint, schedule, record, run_dir, say)
         autocast = autocast_factory(device, config.precision)
@@ -134,8 +137,9 @@ def adapt(
     return _finish(state, base, schedule, data, objective, images, run_dir, device, say)
 
 
-def _settle_config(config: AdaptConfig | None, record: dict | None, given, say) -> AdaptConfig:
-    """The config to run with: the checkpoint's on resume (plus what may change), else ``config``; validated."""
+def _settle_config(config: AdaptConfig | None, record: dict | None, given, device: str, say) -> AdaptConfig:
+    """The config to run with: the checkpoint's on resume (plus what may change), else ``config`` resolved for
+    ``device`` (its preset's values where it left fields unset); validated."""
     if record is not None:
         saved = AdaptConfig.from_dict(record["config"])
         config, applied, ignored = reconcile_resume(saved, config, given)
@@ -146,7 +150,7 @@ def _settle_config(config: AdaptConfig | None, record: dict | None, given, say) 
     if config is None:
         raise UserError("adapt needs a configuration for a new run")
     config.validate()
-    return config
+    return resolve_preset(config, device)  # a checkpoint's config is resolved already: kept as it is
 
 
 def _replace_earlier_run(run_dir: Path, say) -> None:
@@ -160,7 +164,7 @@ def _replace_earlier_run(run_dir: Path, say) -> None:
 
 def _load_data(images, run_dir: Path, config: AdaptConfig, resume: bool, say) -> _Data:
     """Decode the folder (naming skipped files), split it (or reload the run's split), write ``split.json``."""
-    folder = ImageFolder(images, recursive=config.recursive, max_side=config.max_side)
+    folder = ImageFolder(images, recursive=config.recursive, max_side=config.max_side or None)  # 0: full size
     skipped = folder.report_skipped()
     if skipped:
         say(f"[yellow]warning:[/] {skipped}")
@@ -330,6 +334,8 @@ def _finish(state: AdaptState, base: nn.Module, schedule: Schedule, data: _Data,
         "objective": meta["objective"],
         "config": config.as_dict(),
         "schedule": schedule.as_dict(),
+        "schedule_preset": {"requested": config.schedule, "preset": config.preset, "explicit": config.explicit,
+                            "values": {key: getattr(config, key) for key in PRESET_FIELDS}},
         "ranking": meta["ranking"],
         "selected": state.selected,
         "gates": {"separation": separation, "trajectory": state.trajectory},

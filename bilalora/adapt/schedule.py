@@ -3,11 +3,15 @@
 Schedule. A run is counted in optimiser steps of ``batch`` crops, not in epochs:
 a camera folder of 30-100 frames split three ways leaves 10-40 train images,
 one or two batches per epoch, so an epoch-based search of 5 epochs would take
-5-10 steps. :func:`resolve_schedule` gives each stage the paper's epochs (5
-search, 30 in all) but at least :data:`MIN_SEARCH_STEPS` search and
-:data:`MIN_TOTAL_STEPS` total steps, about what the paper's schedule gives on
-its 500 images (batch 24: 55 search and 275 fine-tune steps). Explicit
-``steps`` / ``search_steps`` (or ``epochs`` / ``search_epochs``) override it.
+5-10 steps. The config's preset (:func:`bilalora.adapt.config.resolve_preset`:
+``paper`` on an accelerator, ``cpu`` on the CPU unless ``schedule`` names one)
+fills the batch, crop, image size and stage lengths the caller left unset. The
+``cpu`` preset gives 20 search steps of 60. Under ``paper``,
+:func:`resolve_schedule` gives each stage the paper's epochs (5 search, 30 in
+all) but at least :data:`MIN_SEARCH_STEPS` search and :data:`MIN_TOTAL_STEPS`
+total steps, about what the paper's schedule gives on its 500 images (batch 24:
+55 search and 275 fine-tune steps). Explicit ``steps`` / ``search_steps`` (or
+``epochs`` / ``search_epochs``) override either preset.
 
 Crops. :class:`StepCrops` is an endless, deterministic stream of augmented
 random square crops: crop slot ``j = step * batch + b`` belongs to pass
@@ -41,7 +45,7 @@ import torch
 
 from ..data import augment, center_square_crop, random_square_crop, split_half
 from ..errors import UserError
-from .config import AdaptConfig
+from .config import AdaptConfig, resolve_preset
 
 __all__ = [
     "MIN_SEARCH_STEPS",
@@ -86,12 +90,19 @@ class Schedule:
         return {name: steps for name, steps in self.stages}
 
 
-def resolve_schedule(config: AdaptConfig, n_train: int) -> Schedule:
+def resolve_schedule(config: AdaptConfig, n_train: int, device: str = "cpu") -> Schedule:
     """Stage lengths in steps for ``config`` on ``n_train`` train images (see the module docstring).
+
+    Args:
+        config: the run's settings; one not yet resolved takes its preset for ``device``
+            first (:func:`~bilalora.adapt.config.resolve_preset`; ``schedule="paper"`` for the paper's).
+        n_train: train images (the lower level's half of the split).
+        device: the run's device, deciding ``schedule="auto"`` (ignored for a resolved config).
 
     Raises:
         UserError: the search would be longer than the whole run.
     """
+    config = resolve_preset(config, device)
     per_epoch = math.ceil(n_train / config.batch)
     total = _stage_steps(config.steps, config.epochs, per_epoch, DEFAULT_EPOCHS, MIN_TOTAL_STEPS)
     if not config.searches:
