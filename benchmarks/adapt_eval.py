@@ -144,7 +144,7 @@ def _print_table(entry: dict[str, Any]) -> None:
 
     quality = entry["eval"]["quality"]
     metrics = list(quality["metrics"])
-    table = Table(title=f"{entry['base']} on {entry['set']} held-out split ({entry['eval']['images']['count']} images)",
+    table = Table(title=f"{entry['base']} on {entry['set']}, {entry.get('scored', 'test')} split ({entry['eval']['images']['count']} images)",
                   title_justify="left")  # fmt: skip
     table.add_column("row")
     for metric in metrics:
@@ -202,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for base in parse_list(args.bases) or []:
         for name in parse_list(args.sets) or []:
             folder, flags = SETS[name]
-            entry: dict[str, Any] = {"base": base, "set": name, "images": folder}
+            entry: dict[str, Any] = {"base": base, "set": name, "images": folder, "scored": args.score}
             if base not in registered:
                 entry["status"] = f"skipped: {base} is not a registered backbone"
                 record["results"].append(entry)
