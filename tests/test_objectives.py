@@ -664,3 +664,23 @@ def test_saturation_term_asks_for_the_haze_models_chroma():
     assert "prior.saturation" not in plain.last_terms  # weight 0: not computed
     with pytest.raises(UserError, match="saturation_kappa"):
         Prior(saturation_kappa=0.0)
+
+
+def test_structure_max_gain_charges_contrast_beyond_the_bound():
+    """Amplified noise on a flat veil is free by default, charged once the gain is bounded."""
+    from bilalora.objectives.prior import structure_term
+
+    torch.manual_seed(1)
+    grain = 0.004 * torch.randn(1, 1, 48, 48).expand(1, 3, 48, 48)
+    flat = 0.7 + grain
+    tripled, tenfold = 0.7 + 3 * grain, 0.7 + 10 * grain
+    assert float(structure_term(tenfold, flat)) == pytest.approx(float(structure_term(tripled, flat)), abs=2e-3)
+    bounded = [float(structure_term(v, flat, max_gain=4.0)) for v in (tripled, tenfold)]
+    assert bounded[0] == pytest.approx(float(structure_term(tripled, flat)), abs=1e-6)  # within the bound: free
+    assert bounded[1] > bounded[0] + 0.1
+    dense = torch.full((1, 1, 48, 48), 0.2)  # t = 0.2 allows 5x, more than max_gain 4
+    assert float(structure_term(tenfold, flat, max_gain=4.0, transmission=dense)) == pytest.approx(bounded[1], abs=1e-6)
+    thin = torch.full((1, 1, 48, 48), 0.5)  # t = 0.5 allows only 2x
+    assert float(structure_term(tripled, flat, max_gain=4.0, transmission=thin)) > bounded[0] + 0.01
+    with pytest.raises(UserError, match="structure_max_gain"):
+        Prior(structure_max_gain=0.5)

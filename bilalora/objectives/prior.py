@@ -33,7 +33,10 @@ bf16 region does not reach the blur convolutions or the variances:
                 the output has more local contrast than the input, i.e.
                 cs' = (sigma_xy + C2/2) / (sigma_x sigma_y + C2/2) there. Gaining contrast
                 (dehazing) is free; losing it (washing out, blur, black) or breaking the
-                local structure (hallucination) costs.
+                local structure (hallucination) costs. ``structure_max_gain`` g >= 1 bounds the
+                free gain at min(g, 1 / t) x the input's local deviation (t: dark-channel
+                transmission): the haze model scales local contrast by 1 / t, so more is
+                amplified noise or JPEG blocks (the base's blotches in flat haze).
 
     range     = mean_RGB( low_c + (1 - high_c) ),  low_c / high_c = mean of the darkest /
                 brightest ``range_fraction`` (1 %) of channel c's pixels (soft 1st / 99th
@@ -87,6 +90,9 @@ __all__ = ["Prior", "colour_term", "estimate_airlight", "estimate_transmission",
            "luminance", "range_term", "saturation_term", "soft_dark_channel", "structure_term"]
 
 C2 = 0.03 ** 2
+#: Stabiliser of the bounded-gain contrast factor: a deviation of 0.01 (2.5 levels of 8 bits),
+#: smaller than SSIM's C2 so that amplified noise of a few levels is still seen.
+C_GAIN = 0.01 ** 2
 
 
 def luminance(images: torch.Tensor) -> torch.Tensor:
@@ -237,8 +243,16 @@ def _blur(maps: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
 
 
-def structure_term(output: torch.Tensor, hazy: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """1 - mean of the one-sided SSIM contrast-structure map on luminance; (N,), in [0, 2]."""
+def structure_term(output: torch.Tensor, hazy: torch.Tensor, window: int = 11, sigma: float = 1.5,
+                   max_gain: float = 0.0, transmission: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - mean of the one-sided SSIM contrast-structure map on luminance; (N,), in [0, 2].
+
+    ``max_gain`` g > 0 bounds the free contrast gain: where the output's local standard
+    deviation exceeds ``sd_x * b`` with ``b = min(g, 1 / t)`` (``t``: ``transmission``
+    (N, 1, H, W), or 1 / g everywhere when None), the contrast part compares it with
+    ``sd_x * b`` instead of being 1. The haze model scales local contrast by 1 / t, so
+    more than that is amplified noise or compression blocks, not removed haze.
+    """
     y = luminance(output.float())
     x = luminance(hazy.float())
     g = _gaussian(window, sigma, y.device, y.dtype)
@@ -251,6 +265,13 @@ def structure_term(output: torch.Tensor, hazy: torch.Tensor, window: int = 11, s
     cs = (2 * cov + C2) / (var_y + var_x + C2)
     s_only = (cov + C2 / 2) / (sd_y * sd_x + C2 / 2)
     cs = torch.where(var_y >= var_x, s_only, cs)
+    if max_gain > 0:
+        bound = torch.full_like(sd_x, float(max_gain))
+        if transmission is not None:
+            bound = torch.minimum(bound, 1.0 / transmission.float()[:, 0].clamp_min(1e-3))
+        sd_cap = sd_x * bound
+        capped = s_only * (2 * sd_cap * sd_y + C_GAIN) / (sd_cap ** 2 + var_y + C_GAIN)
+        cs = torch.where(sd_y > sd_cap, capped, cs)
     return (1.0 - cs).mean(dim=(1, 2))
 
 
@@ -278,6 +299,8 @@ class Prior(Objective):
             g > 0: it asks for a span of min(1, g x the input's span) instead.
         saturation_weight: weight of the one-sided chroma term (haze-model prediction).
         saturation_kappa: fraction of the predicted chroma asked for.
+        structure_max_gain: 0 (default): gaining local contrast is free; g >= 1: free up
+            to min(g, 1/t) x the input's (t: the input's dark-channel transmission).
 
     The range term (weight 0.5) was chosen on real_day's held-out split with a reduced
     schedule (``benchmarks/results/adapt_eval_day_reduced_range.json``): FADE 0.458
@@ -320,6 +343,7 @@ class Prior(Objective):
         range_gain: float = 0.0,
         saturation_weight: float = 0.0,
         saturation_kappa: float = 0.5,
+        structure_max_gain: float = 0.0,
     ) -> None:
         super().__init__()
         weights = {"dark_weight": dark_weight, "exposure_weight": exposure_weight,
@@ -350,6 +374,9 @@ class Prior(Objective):
         if not 0.0 < float(saturation_kappa) <= 1.0:
             raise UserError(f"prior saturation_kappa must lie in (0, 1], got {saturation_kappa!r}")
         self.saturation_kappa = float(saturation_kappa)
+        if not (0.0 <= float(structure_max_gain) < float("inf")) or 0 < float(structure_max_gain) < 1:
+            raise UserError(f"prior structure_max_gain must be 0 (unbounded) or >= 1, got {structure_max_gain!r}")
+        self.structure_max_gain = float(structure_max_gain)
         if hue_reference not in ("airlight", "grey"):
             raise UserError(f"prior hue_reference must be 'airlight' or 'grey', got {hue_reference!r}")
         self.hue_reference = hue_reference
@@ -376,7 +403,9 @@ class Prior(Objective):
                 "exposure": exposure_term(y, target),
                 "colour": colour_term(y),
                 "hue": hue_term(y, x, airlight=airlight if self.hue_reference == "airlight" else None),
-                "structure": structure_term(y, x),
+                "structure": structure_term(
+                    y, x, max_gain=self.structure_max_gain,
+                    transmission=estimate_transmission(x, airlight) if self.structure_max_gain > 0 else None),
                 "range": range_term(y, self.range_fraction, x, self.range_gain),
             }
             if self.weights["saturation_weight"] > 0:
@@ -403,5 +432,6 @@ class Prior(Objective):
             "range_fraction": self.range_fraction,
             "range_gain": self.range_gain,
             "saturation_kappa": self.saturation_kappa,
+            "structure_max_gain": self.structure_max_gain,
             "clamp": "inward pass-through",
         }
