@@ -390,12 +390,8 @@ def _int8_step(state: ExportState, events: Events, model) -> None:
 
     artefact.parameters = onnx_parameter_count(path)
     artefact.extra = {
-        "kept_float": list(result.kept_float),
-        "float_nodes": result.float_nodes,
-        "attempts": result.attempts,
+        **result.record(),  # kept_float/float_nodes, convs, int8_convs, attempts, search, scheme
         "calibration": {"origin": origin, "images": [p.name for p in calib], "held_out": [p.name for p in held]},
-        "scheme": "QDQ on Conv/ConvTranspose: int8 symmetric per-channel weights, int8 symmetric activations "
-        "(99.999th percentile ranges)",
     }
     state.timed("int8", result.seconds)
     state.artefacts.append(artefact)

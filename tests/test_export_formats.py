@@ -238,8 +238,10 @@ def test_int8_qdq_matches_pytorch_on_held_out_images(formats_export):
     assert entry["precision"] == "int8" and entry["parity"]["passed"] and entry["parity"]["gate"] == {"psnr_db": 35.0}
     assert entry["calibration"]["images"] == [f"hazy_0{i}.png" for i in range(4)]
     assert entry["calibration"]["held_out"] == ["hazy_04.png", "hazy_05.png"]
-    assert isinstance(entry["kept_float"], list) and isinstance(entry["float_nodes"], list)
-    assert entry["attempts"][-1]["passed"]
+    assert isinstance(entry["kept_float"], list) and entry["float_nodes"] == entry["kept_float"]
+    assert entry["int8_convs"] == entry["convs"] - len(entry["float_nodes"]) > entry["convs"] // 2
+    assert entry["attempts"][-1]["passed"] and entry["attempts"][-1]["stage"] == "file"
+    assert entry["search"]["seconds"] > 0 and entry["activation_percentile"] in (99.99, 99.999, 99.9999, 100.0)
     graph = onnx.load(str(result.out_dir / "model_int8.onnx")).graph
     ops = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -383,11 +385,12 @@ def test_int8_gate_refusal_and_explicit_lower_gate(tmp_path, monkeypatch):
     write_hazy_images(tmp_path / "calib", count=4, size=(40, 52))
     common = dict(base=True, backbone="dea-net-t", weights=str(weights), int8=True, calib=tmp_path / "calib",
                   calib_images=3, parity_sizes=((32, 32),), slim=False)  # fmt: skip
-    monkeypatch.setattr(parity, "INT8_MIN_PSNR", 200.0)  # unreachable: every ladder set fails
+    monkeypatch.setattr(parity, "INT8_MIN_PSNR", 200.0)  # unreachable: every keep-float set within the cap fails
     with pytest.raises(ParityError) as info:
         run_export(ExportOptions(out=tmp_path / "refused", **common))
     message = str(info.value)
-    assert "no quantisation reached PSNR 200 dB" in message and "all int8" in message and "\n" not in message
+    assert "no quantisation reached PSNR 200 dB" in message and "every conv int8" in message and "\n" not in message
+    assert "at most" in message and "may stay float" in message
     assert not (tmp_path / "refused" / "model_int8.onnx").exists()
     result = run_export(ExportOptions(out=tmp_path / "lowered", int8_min_psnr=20.0, **common))
     entry = result.record["artefacts"]["model_int8.onnx"]
