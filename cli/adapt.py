@@ -12,8 +12,8 @@ from bilalora.parsing import parse_list
 
 from .common import console, resolve_device, user_errors
 
-_DEFAULTS_NOTE = ("defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by measurement, "
-                  "and the schedule, which is the cpu preset on the CPU (--schedule)")
+_DEFAULTS_NOTE = ("defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by "
+                  "measurement, and the schedule, which is the cpu preset on the CPU (--schedule)")
 
 #: CLI parameter -> AdaptConfig field (``optim.*`` for the optimiser), for the flags a resumed run compares.
 _CONFIG_FIELDS = {
@@ -22,8 +22,9 @@ _CONFIG_FIELDS = {
     "search_epochs": "search_epochs", "batch": "batch", "crop": "crop", "seed": "seed", "precision": "precision",
     "passes": "passes", "test_fraction": "test_fraction", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "max_side": "max_side",
-    "recursive": "recursive", "workers": "workers", "schedule": "schedule", "lr": "optim.lr", "gate_lr": "optim.gate_lr",
-    "clip_norm": "optim.clip_norm", "hypergradient": "optim.hypergradient", "gate_optimizer": "optim.gate_optimizer",
+    "recursive": "recursive", "workers": "workers", "schedule": "schedule", "lr": "optim.lr",
+    "gate_lr": "optim.gate_lr", "clip_norm": "optim.clip_norm", "hypergradient": "optim.hypergradient",
+    "gate_optimizer": "optim.gate_optimizer",
 }
 
 
