@@ -1,4 +1,11 @@
-"""The settings of an adapt run (:class:`AdaptConfig`), their checks, and what ``--resume`` may change."""
+"""The settings of an adapt run (:class:`AdaptConfig`), their checks, and what ``--resume`` may change.
+
+The schedule presets (:data:`PRESETS`, ``--schedule``) are resolved in one place,
+:func:`resolve_preset`: ``auto`` takes ``cpu`` when the run's device is the CPU and
+``paper`` on any accelerator, and only the fields the caller left None come from the
+preset. The resolved config (with ``preset`` and ``explicit``) is what the checkpoint
+and ``summary.json`` record, so a resumed run keeps it whatever its device is then.
+"""
 
 from __future__ import annotations
 
