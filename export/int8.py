@@ -513,6 +513,12 @@ def _downsized(cases: Sequence[Case], side: int) -> list[Case]:
     return out
 
 
+def _static_size(model) -> bool:
+    """Whether the graph input has a fixed batch, height or width (then the gate images are used as they are)."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return any(d.dim_value > 0 for i, d in enumerate(dims) if i in (0, 2, 3))
+
+
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
@@ -622,7 +628,7 @@ def quantize_int8(
         scales = search.scales(ranges)
         # 2. sensitivity: each conv alone in int8, on the gate images downsized
         tick = time.perf_counter()
-        small = _downsized(check_cases, sensitivity_side)
+        small = list(check_cases) if _static_size(model) else _downsized(check_cases, sensitivity_side)
         zero = np.zeros(len(convs), np.float32)
         base = [search.run(c.array, zero, scales) for c in small]
         full = np.array([_mse(search.run(c.array, search.mask(), scales), b) for c, b in zip(small, base)])

@@ -188,3 +188,14 @@ def test_greedy_order_follows_the_worst_image():
     """Image 1 is the worst and conv 2 hurts it most; then image 0 is the worst and conv 1 is its cause."""
     errors = np.array([[0.0, 2.0], [5.0, 0.0], [0.0, 6.0]])
     assert greedy_order(errors, errors.sum(0)) == [2, 1, 0]
+
+
+def test_static_shape_graph_measures_sensitivity_at_its_own_size(tmp_path):
+    """A graph with a fixed input size: the sensitivity runs use the gate images as they are (no downsizing)."""
+    module = OutlierNet().eval()
+    torch.onnx.export(module, torch.rand(1, 3, 48, 64), str(tmp_path / "static.onnx"), input_names=["input"],
+                      output_names=["output"], opset_version=17, dynamo=False)  # fmt: skip
+    calib, check = _images(3, seed=12), _images(2, seed=13)
+    result = quantize_int8(tmp_path / "static.onnx", tmp_path / "static_int8.onnx", calib, check,
+                           _references(module, check), threads=1, sensitivity_side=16)  # fmt: skip
+    assert result.parity.passed and result.int8_convs == 2
