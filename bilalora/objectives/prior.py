@@ -53,10 +53,13 @@ bf16 region does not reach the blur convolutions or the variances:
                 ``range_gain`` g > 0 asks instead for span >= min(1, g x the input's
                 span) (relu of the shortfall; the haze model bounds the gain by 1/t).
 
-    saturation = mean_p( relu( min(kappa |c_x| / t, c_max) - |c_y| ) )  on 4 x 4 averages,
-                c as in the hue term (chroma relative to the airlight A), t = the input's
-                transmission by the dark channel prior (He et al.: t = 1 - 0.95 dark(x / A),
-                15 x 15 minimum, clamped to [0.1, 1]; no gradient), kappa 0.5, c_max 0.3.
+    saturation = mean_p( relu( min(kappa relu(|c_x| - f) / t, c_max) - |c_y| ) )  on 4 x 4
+                averages, c as in the hue term (chroma relative to the airlight A), t = the
+                input's transmission by the dark channel prior (He et al.: t = 1 - 0.95
+                dark(x / A), 15 x 15 minimum, clamped to [0.2, 1]; no gradient), kappa 0.5,
+                c_max 0.3, f = 0.01 (input chroma below it has no reliable direction: noise,
+                JPEG, a slightly wrong A; without f and with t down to 0.1, dense fog and
+                skies took yellow-green casts).
                 The haze model J = (I - A) / t + A scales chroma relative to A by 1/t;
                 the hue term lets it grow but never asks for it, so the cheapest way to
                 satisfy the dark and range terms was to leave chroma where the hazy
@@ -187,15 +190,20 @@ def estimate_transmission(hazy: torch.Tensor, airlight: torch.Tensor, window: in
 
 
 def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Tensor, pool: int = 4,
-                    kappa: float = 0.5, ceiling: float = 0.3) -> torch.Tensor:
+                    kappa: float = 0.5, ceiling: float = 0.3, floor: float = 0.01,
+                    t_min: float = 0.2) -> torch.Tensor:
     """Chroma shortfall against the haze model's prediction; (N,), >= 0 (RGB units).
 
-    On ``pool`` x ``pool`` averages of ``v - A``: ``relu(min(kappa |c_x| / t, ceiling) - |c_y|)``
-    averaged over pixels, with ``c`` the chroma relative to the airlight ``A`` (N, 3) and
-    ``t`` the input's dark-channel transmission (:func:`estimate_transmission`).
+    On ``pool`` x ``pool`` averages of ``v - A``:
+    ``relu(min(kappa * relu(|c_x| - floor) / t, ceiling) - |c_y|)`` averaged over pixels,
+    with ``c`` the chroma relative to the airlight ``A`` (N, 3) and ``t`` the input's
+    dark-channel transmission (:func:`estimate_transmission`, clamped to ``t_min``).
+    ``floor``: input chroma below it (its direction is noise, JPEG or a slightly wrong
+    airlight) asks for nothing; ``t_min``: at most ``kappa / t_min`` x amplification.
+    Measured without them (floor 0, t_min 0.1): dense fog and sky took yellow-green casts.
     """
     y, x = output.float(), hazy.float()
-    t = estimate_transmission(x, airlight)
+    t = estimate_transmission(x, airlight, t_min=t_min)
     a = airlight.float().view(-1, 3, 1, 1)
     y, x = y - a, x - a
     k = min(pool, y.shape[-2], y.shape[-1])
@@ -203,7 +211,7 @@ def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Te
         y, x, t = F.avg_pool2d(y, k, stride=k), F.avg_pool2d(x, k, stride=k), F.avg_pool2d(t, k, stride=k)
     cy, cx = y - luminance(y), x - luminance(x)
     size_y = torch.sqrt((cy * cy).sum(dim=1) + 1e-10)
-    target = (kappa * cx.norm(dim=1) / t[:, 0]).clamp(max=ceiling)
+    target = (kappa * (cx.norm(dim=1) - floor).relu() / t[:, 0]).clamp(max=ceiling)
     return (target - size_y).relu().mean(dim=(1, 2))
 
 
