@@ -662,6 +662,12 @@ def test_saturation_term_asks_for_the_haze_models_chroma():
     plain = Prior()
     plain(hazy, hazy)
     assert "prior.saturation" not in plain.last_terms  # weight 0: not computed
+    # dense fog (t < t_min): x - A is mostly the airlight's complement; nothing is asked there
+    fog = clear * 0.1 + veil * 0.9
+    fog_airlight = estimate_airlight(fog)
+    assert float(estimate_transmission(fog, fog_airlight).max()) < 0.25
+    assert float(saturation_term(fog, fog, fog_airlight)) == 0.0
+    assert float(saturation_term(fog, fog, fog_airlight, t_min=0.01)) > 0.0
     with pytest.raises(UserError, match="saturation_kappa"):
         Prior(saturation_kappa=0.0)
 

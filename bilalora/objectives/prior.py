@@ -56,7 +56,8 @@ bf16 region does not reach the blur convolutions or the variances:
     saturation = mean_p( relu( min(kappa relu(|c_x| - f) / t, c_max) - |c_y| ) )  on 4 x 4
                 averages, c as in the hue term (chroma relative to the airlight A), t = the
                 input's transmission by the dark channel prior (He et al.: t = 1 - 0.95
-                dark(x / A), 15 x 15 minimum, clamped to [0.2, 1]; no gradient), kappa 0.5,
+                dark(x / A), 15 x 15 minimum; no gradient; where t < 0.25, sky or dense fog,
+                the term asks for nothing), kappa 0.5,
                 c_max 0.3, f = 0.01 (input chroma below it has no reliable direction: noise,
                 JPEG, a slightly wrong A; without f and with t down to 0.1, dense fog and
                 skies took yellow-green casts).
@@ -191,7 +192,7 @@ def estimate_transmission(hazy: torch.Tensor, airlight: torch.Tensor, window: in
 
 def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Tensor, pool: int = 4,
                     kappa: float = 0.5, ceiling: float = 0.3, floor: float = 0.01,
-                    t_min: float = 0.2) -> torch.Tensor:
+                    t_min: float = 0.25) -> torch.Tensor:
     """Chroma shortfall against the haze model's prediction; (N,), >= 0 (RGB units).
 
     On ``pool`` x ``pool`` averages of ``v - A``:
@@ -199,11 +200,14 @@ def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Te
     with ``c`` the chroma relative to the airlight ``A`` (N, 3) and ``t`` the input's
     dark-channel transmission (:func:`estimate_transmission`, clamped to ``t_min``).
     ``floor``: input chroma below it (its direction is noise, JPEG or a slightly wrong
-    airlight) asks for nothing; ``t_min``: at most ``kappa / t_min`` x amplification.
-    Measured without them (floor 0, t_min 0.1): dense fog and sky took yellow-green casts.
+    airlight) asks for nothing; where ``t < t_min`` (sky, dense fog: there the chroma of
+    ``x - A`` is mostly the complement of the airlight's own tint) it asks for nothing
+    either, so the gain is at most ``kappa / t_min``. Measured without them (floor 0, t
+    clamped at 0.1): fog and sky took yellow-green casts; with t clamped at 0.2 instead
+    of skipped, faint cream-pink casts in flat skies.
     """
     y, x = output.float(), hazy.float()
-    t = estimate_transmission(x, airlight, t_min=t_min)
+    t = estimate_transmission(x, airlight, t_min=1e-3)
     a = airlight.float().view(-1, 3, 1, 1)
     y, x = y - a, x - a
     k = min(pool, y.shape[-2], y.shape[-1])
@@ -212,6 +216,7 @@ def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Te
     cy, cx = y - luminance(y), x - luminance(x)
     size_y = torch.sqrt((cy * cy).sum(dim=1) + 1e-10)
     target = (kappa * (cx.norm(dim=1) - floor).relu() / t[:, 0]).clamp(max=ceiling)
+    target = torch.where(t[:, 0] >= t_min, target, torch.zeros_like(target))
     return (target - size_y).relu().mean(dim=(1, 2))
 
 
