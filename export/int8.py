@@ -33,19 +33,21 @@ How the file is made (:func:`quantize_int8`):
    per convolution and image); its MSE per image. (c) :func:`greedy_order`:
    repeatedly the convolution whose float-keeping lowers the predicted worst
    image's error most (errors taken as additive, scaled per image to the
-   measured every-conv-int8 error). (d) Verification on the full-size gate
-   images: first the prefix of that order predicted to pass with
-   :data:`SEARCH_MARGIN_DB` to spare, then doubling or bisection to the smallest
-   passing prefix; at most :data:`MAX_ATTEMPTS` runs and at most
+   measured every-conv-int8 error). (d) Verification: a prefix of that order
+   is written as a QDQ file and gated as it is (onnxruntime's int8 kernels,
+   every full-size gate image against PyTorch fp32, PSNR >= 35 dB): first the
+   prefix predicted to pass with :data:`SEARCH_MARGIN_DB` to spare, then
+   doubling or bisection to the smallest passing prefix, whose file and parity
+   are kept; at most :data:`MAX_ATTEMPTS` files and at most
    :data:`MAX_FLOAT_SHARE` of the convolutions float, else the export refuses in
-   one line with every attempt's PSNR. (e) The file is written and its own
-   parity (onnxruntime, every gate image against PyTorch fp32, PSNR >= 35 dB)
-   is the recorded gate.
+   one line with every attempt's PSNR. (onnxruntime's int8 kernels round
+   differently from the exact QDQ arithmetic of the search graph: up to about
+   1 dB on the worst image, either way; TensorRT and OpenVINO have their own.)
 
 model.json (``artefacts["model_int8.onnx"]``) lists ``float_nodes`` (=
 ``kept_float``, most damaging first), ``convs`` and ``int8_convs``,
 ``int8_macs_share``, ``activation_percentile``, every attempt
-(``{"stage": "ranges" | "search" | "file", "percentile", "kept_float": n,
+(``{"stage": "ranges" | "search", "percentile", "kept_float": n,
 "psnr_db": worst, "passed", "seconds"}``) and ``search`` (its seconds, the
 sensitivity runs, each convolution's PSNR alone in int8, the order).
 
@@ -73,7 +75,7 @@ from __future__ import annotations
 
 import copy
 import math
-import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,7 +96,6 @@ __all__ = [
     "activation_ranges",
     "calibration_crops",
     "calibration_split",
-    "keep_float_nodes",
     "quant_convs",
     "quantize_int8",
     "write_qdq",
@@ -120,9 +121,6 @@ SEARCH_MARGIN_DB = 0.5
 
 #: Refuse when passing the gate needs more than this share of the convolutions kept in float.
 MAX_FLOAT_SHARE = 0.5
-
-#: Node-name patterns of the attention and fusion sub-blocks (DEA-Net's CGA ``pa``/``ca``/``sa`` and ``mix``).
-_ATTENTION = re.compile(r"/(pa|ca|sa|mix\d*)/")
 
 _QMAX = 127  # symmetric narrow int8 range [-127, 127] with zero point 0 (what TensorRT's explicit quantisation uses)
 
@@ -150,7 +148,8 @@ class Int8Result:
         convs: number of quantisable convolutions; ``int8_convs`` of them are int8.
         int8_macs_share: share of the convolutions' multiply-adds that run in int8.
         percentile: the activation-range percentile used (100 = maximum).
-        attempts: [{"stage", "percentile", "kept_float", "psnr_db", "passed", "seconds"}] in order.
+        attempts: [{"stage", "percentile", "kept_float", "psnr_db", "passed", "seconds"}] in order: "ranges" (every
+            conv int8, measured with the search graph), "search" (a written QDQ file, gated by onnxruntime).
         search: {"seconds", "sensitivity": {...}, "order": [...]} (how the float set was found).
         seconds: total time (calibration, search, writing, gate).
     """
@@ -252,33 +251,6 @@ def calibration_crops(paths: Sequence[Path], crop: int = CALIB_CROP, max_side: i
         top, left = (height - crop) // 2, (width - crop) // 2
         out.append(Case(case.label, np.ascontiguousarray(array[:, :, top : top + crop, left : left + crop])))
     return out
-
-
-def keep_float_nodes(graph, parts: Sequence[str]) -> list[str]:
-    """Names of the nodes of ``graph`` (an onnx GraphProto) that belong to ``parts``.
-
-    Parts: "first_conv" (the convolution reading the graph input), "last_conv"
-    (the last Conv/ConvTranspose), "sigmoid" (every Sigmoid and the Mul nodes
-    that apply its output), "attention" (every node under an attention or fusion
-    sub-block: ``/pa/``, ``/ca/``, ``/sa/``, ``/mixN/``).
-    """
-    nodes = list(graph.node)
-    names: list[str] = []
-    convs = [n for n in nodes if n.op_type in ("Conv", "ConvTranspose")]
-    inputs = {i.name for i in graph.input}
-    for part in parts:
-        if part == "first_conv":
-            names += [n.name for n in convs if any(i in inputs for i in n.input)][:1] or [convs[0].name] * bool(convs)
-        elif part == "last_conv":
-            names += [convs[-1].name] if convs else []
-        elif part == "sigmoid":
-            gates = {n.output[0] for n in nodes if n.op_type == "Sigmoid"}
-            names += [n.name for n in nodes if n.op_type == "Sigmoid" or (n.op_type == "Mul" and gates & set(n.input))]
-        elif part == "attention":
-            names += [n.name for n in nodes if _ATTENTION.search(n.name)]
-        else:
-            raise ValueError(f"unknown graph part {part!r}")
-    return sorted(set(names))
 
 
 def quant_convs(graph) -> list[QuantConv]:
@@ -611,6 +583,7 @@ def quantize_int8(
     all_ranges = activation_ranges(model, convs, calib_cases, percentiles, threads)
     calib_seconds = time.perf_counter() - tick
     search = SearchGraph(model, convs, threads)
+    work = tempfile.TemporaryDirectory(prefix="bilalora-int8-")
     try:
         # 1. activation ranges: every conv int8, each percentile, on the full gate images
         best: Optional[tuple[float, float]] = None
@@ -643,31 +616,34 @@ def quantize_int8(
                        "psnr_db_alone": {convs[k].name: round(_db(float(errors[k].max())), 2) for k in order}}  # fmt: skip
         say(f"INT8 sensitivity of {len(convs)} convs measured ({sensitivity['seconds']:.0f} s); "
             f"most damaging: {convs[order[0]].name}")  # fmt: skip
-        # 3. smallest verified prefix of the ranked order (prediction first, then bisection)
+        # 3. smallest prefix of the ranked order whose written file passes the gate (prediction first, then
+        #    doubling or bisection); each candidate is written as QDQ and run by onnxruntime on the full gate
         limit = int(math.floor(max_float_share * len(convs)))
         guess = next((n for n, db in enumerate(predicted) if db >= target + SEARCH_MARGIN_DB), len(convs))
-        # largest failing / smallest passing prefix verified (prefix 0, every conv int8, was measured above)
-        lo, hi = (-1, 0) if best[1] >= target else (0, None)
-        n, tried = min(guess, limit), {0}
-        if hi == 0:
-            n = 0
-        verified: dict[int, float] = {}
+        # largest failing / smallest passing prefix (prefix 0, every conv int8, was measured above)
+        lo, hi = (-1, None) if best[1] >= target else (0, None)
+        n, tried = (0 if best[1] >= target else min(guess, limit)), set()
+        results: dict[int, ParityResult] = {}
         for _ in range(max(1, max_attempts)):
             if n in tried:
                 break
             tried.add(n)
             tick = time.perf_counter()
-            mask = search.mask([convs[k].name for k in order[:n]])
-            low, _ = worst([search.run(c.array, mask, scales) for c in check_cases])
-            verified[n] = low
+            candidate = Path(work.name) / f"int8_{n}.onnx"
+            onnx.save(write_qdq(model, convs, ranges, [convs[k].name for k in order[:n]]), str(candidate))
+            session = ort_session(candidate, threads)
+            outputs = [session.run(["output"], {"input": c.array})[0] for c in check_cases]
+            del session
+            results[n] = evaluate(out.name, "int8", check_cases, outputs, references, gate)
+            low = results[n].psnr_db
             attempts.append({"stage": "search", "percentile": percentile, "kept_float": n, "psnr_db": round(low, 2),
-                             "predicted_db": round(predicted[n], 2), "passed": low >= target,
+                             "predicted_db": round(predicted[n], 2), "passed": results[n].passed,
                              "seconds": round(time.perf_counter() - tick, 2)})  # fmt: skip
             say(f"INT8 keeping the {n} most damaging convs float: worst PSNR {low:.1f} dB")
-            if low >= target:
+            if results[n].passed:
                 hi = n
             else:
-                lo = n
+                lo = max(lo, n)
             if hi is None:
                 if n >= limit:
                     break
@@ -677,32 +653,21 @@ def quantize_int8(
                     break
                 n = (lo + hi) // 2 if lo >= 0 else hi // 2
         search_seconds = time.perf_counter() - start
+        summary = "; ".join(f"{a['kept_float']} float {a['psnr_db']:.1f} dB" for a in attempts if a["stage"] == "search")
+        if hi is None:
+            raise ParityError(
+                f"parity gate failed for {out.name} (int8): no quantisation reached PSNR {target:g} dB against "
+                f"PyTorch fp32 (every conv int8: {max(a['psnr_db'] for a in attempts if a['stage'] == 'ranges'):.1f}"
+                f" dB; keeping the most damaging of {len(convs)} convs float: {summary or 'not tried'}; at most "
+                f"{limit} may stay float); no file was written. More or more varied --calib images may help"
+            )
+        shutil.move(str(Path(work.name) / f"int8_{hi}.onnx"), str(out))
     finally:
         search.close()
-    summary = "; ".join(f"{a['kept_float']} float {a['psnr_db']:.1f} dB" for a in attempts if a["stage"] == "search")
-    if hi is None:
-        raise ParityError(
-            f"parity gate failed for {out.name} (int8): no quantisation reached PSNR {target:g} dB against PyTorch "
-            f"fp32 (every conv int8: {max(a['psnr_db'] for a in attempts if a['stage'] == 'ranges'):.1f} dB; "
-            f"keeping the most damaging of {len(convs)} convs float: {summary}; at most {limit} may stay float); "
-            "no file was written. More or more varied --calib images may help"
-        )
+        work.cleanup()
+    result = results[hi]
     float_nodes = [convs[k].name for k in order[:hi]]
-    tick = time.perf_counter()
-    onnx.save(write_qdq(model, convs, ranges, float_nodes), str(out))
-    session = ort_session(out, threads)
-    outputs = [session.run(["output"], {"input": c.array})[0] for c in check_cases]
-    result = evaluate(out.name, "int8", check_cases, outputs, references, gate)
-    attempts.append({"stage": "file", "percentile": percentile, "kept_float": hi, "psnr_db": round(result.psnr_db, 2),
-                     "passed": result.passed, "seconds": round(time.perf_counter() - tick, 2)})  # fmt: skip
     say(f"INT8 {out.name}: {len(convs) - hi} of {len(convs)} convs int8, worst PSNR {result.psnr_db:.1f} dB")
-    if not result.passed:  # the search graph passed but the written file does not (should not happen)
-        out.unlink(missing_ok=True)
-        raise ParityError(
-            f"parity gate failed for {out.name} (int8): the written QDQ graph reached {result.psnr_db:.1f} dB "
-            f"(< {target:g}) although the search measured {verified.get(hi, math.nan):.1f} dB with the same "
-            f"{hi} convs float; no file was kept"
-        )
     macs = sum(c.macs for c in convs) or 1.0
     skip = set(float_nodes)
     return Int8Result(

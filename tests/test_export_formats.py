@@ -240,7 +240,8 @@ def test_int8_qdq_matches_pytorch_on_held_out_images(formats_export):
     assert entry["calibration"]["held_out"] == ["hazy_04.png", "hazy_05.png"]
     assert isinstance(entry["kept_float"], list) and entry["float_nodes"] == entry["kept_float"]
     assert entry["int8_convs"] == entry["convs"] - len(entry["float_nodes"]) > entry["convs"] // 2
-    assert entry["attempts"][-1]["passed"] and entry["attempts"][-1]["stage"] == "file"
+    kept = [a for a in entry["attempts"] if a["passed"] and a["kept_float"] == len(entry["float_nodes"])]
+    assert kept and kept[-1]["stage"] in ("search", "ranges") and entry["parity"]["psnr_db"] >= 35.0
     assert entry["search"]["seconds"] > 0 and entry["activation_percentile"] in (99.99, 99.999, 99.9999, 100.0)
     graph = onnx.load(str(result.out_dir / "model_int8.onnx")).graph
     ops = {node.op_type for node in graph.node}
