@@ -26,7 +26,8 @@
    photos resized to the size; calls interleave across backends (a shared
    machine's load falls on each alike); the median of ``--runs`` calls after one
    warm-up is reported, with the PSNR of each output against the onnxruntime
-   fp32 output on the same frames (min over frames).
+   fp32 output on the same frames (min over frames). How many convolutions
+   OpenVINO compiled with int8 kernels is recorded (``openvino_conv_kernels``).
 
 Writes ``benchmarks/results/<--out>`` (default ``openvino_int8_<backbone>_<cpu>_search.json``).
 """
@@ -125,7 +126,19 @@ def _psnr_table(sets: dict, runners: dict) -> dict:
     return table
 
 
-def _backends(model_dir: Path, int8: Path, int8_all: Path, threads: int) -> dict:
+def _kernels(compiled) -> dict:
+    """{"<layer type> <runtime precision>": count} of the convolutions OpenVINO compiled (int8 kernels or not)."""
+    counts: dict = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str)
+        if kind in ("Convolution", "Deconvolution"):
+            key = f"{kind} {info['runtimePrecision'].astype(str)}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _backends(model_dir: Path, int8: Path, int8_all: Path, threads: int, kernels: dict) -> dict:
     import openvino as ov
     from bilalora.export.openvino_export import inference_config
     from bilalora.export.parity import ort_session
@@ -135,6 +148,7 @@ def _backends(model_dir: Path, int8: Path, int8_all: Path, threads: int) -> dict
     def ov_runner(path: Path, precision):
         config, used = inference_config(core, precision, threads)
         compiled = core.compile_model(str(path), "CPU", config)
+        kernels[f"{path.name} {used}"] = _kernels(compiled)
         output = compiled.output(0)
         return (lambda x: np.asarray(compiled({"input": x})[output])), used
 
@@ -251,7 +265,8 @@ def main() -> None:
         chosen = search["convs"] - search["int8_convs"]
         counts = sorted({0, chosen, 16, 24, search["convs"] // 2} - {c for c in (16, 24) if c < chosen})
         sweep = _sweep(model_dir, calib, search, {k: v for k, v in sets.items() if k != "gate"}, counts, args.threads)
-        backends = _backends(model_dir, searched, everything, args.threads)
+        kernels: dict = {}
+        backends = _backends(model_dir, searched, everything, args.threads, kernels)
         latency = {}
         with make_progress() as progress:
             for size in parse_list(args.sizes):
@@ -278,6 +293,7 @@ def main() -> None:
         "accuracy_vs_pytorch_fp32": accuracy,
         "keep_float_sweep": sweep,
         "latency": latency,
+        "openvino_conv_kernels": kernels,
         "versions": {**tool_versions(), "openvino": ov.get_version()},
         "seconds": round(time.perf_counter() - start, 1),
     }
