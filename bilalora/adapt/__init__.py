@@ -29,12 +29,14 @@ uninterrupted one.
 """
 
 from ..runs import ADAPTER_NAME, FULL_NAME
-from .config import METHODS, RESUME_APPLIED, AdaptConfig
+from .config import METHODS, PRESETS, RESUME_APPLIED, SCHEDULES, AdaptConfig, resolve_preset
 from .pipeline import AdaptResult, adapt
 from .schedule import MIN_SEARCH_STEPS, MIN_TOTAL_STEPS, Schedule, resolve_schedule, split_images
 from .state import AdaptState, candidate_sites
 
 __all__ = [
+    "PRESETS",
+    "SCHEDULES",
     "ADAPTER_NAME",
     "FULL_NAME",
     "METHODS",
@@ -47,6 +49,7 @@ __all__ = [
     "Schedule",
     "adapt",
     "candidate_sites",
+    "resolve_preset",
     "resolve_schedule",
     "split_images",
 ]
