@@ -264,6 +264,8 @@ def test_real_sigint_during_a_video_run(exported, tmp_path):
         [sys.executable, "-m", "bilalora.cli.app", "run", "-m", str(folder), "-i", str(clip), "-o", str(out),
          "--precision", "fp32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # a shell's background job inherits SIGINT ignored, and Python then installs no handler: restore it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process_.poll() is None:
