@@ -170,14 +170,10 @@ class Int8Result:
     search: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
-    @property
-    def kept_float(self) -> list[str]:
-        return list(self.float_nodes)
-
     def record(self) -> dict[str, Any]:
         """The model.json fields of model_int8.onnx (besides parity and calibration images)."""
         return {
-            "kept_float": self.kept_float,
+            "kept_float": list(self.float_nodes),
             "float_nodes": list(self.float_nodes),
             "convs": self.convs,
             "int8_convs": self.int8_convs,

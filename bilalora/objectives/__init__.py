@@ -176,16 +176,15 @@ def _resolve_options(spec: str, name: str, options: dict[str, Any]) -> dict[str,
     resolved: dict[str, Any] = {}
     for key, value in options.items():
         if key in names or var_kw:
-            resolved[key] = value
+            target = key
         elif f"{key}_weight" in names:
-            resolved[f"{key}_weight"] = value
+            target = f"{key}_weight"
         else:
             choices = ", ".join(sorted(n.removesuffix("_weight") for n in names))
             raise UserError(f"--objective {spec}: {name} has no option {key!r}; options: {choices}")
-        if isinstance(resolved.get(key, resolved.get(f"{key}_weight")), float):
-            number = resolved.get(key, resolved.get(f"{key}_weight"))
-            if not math.isfinite(number):
-                raise UserError(f"--objective {spec}: option {key} of {name} must be finite")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--objective {spec}: option {key} of {name} must be finite")
+        resolved[target] = value
     return resolved
 
 

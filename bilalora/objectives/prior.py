@@ -133,6 +133,11 @@ def colour_term(images: torch.Tensor) -> torch.Tensor:
     return (r - g) ** 2 + (r - b) ** 2 + (g - b) ** 2
 
 
+def _hard_dark_channel(images: torch.Tensor, window: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W): channel minimum, then a ``window`` x ``window`` minimum filter."""
+    return -F.max_pool2d(-images.amin(dim=1, keepdim=True), window, stride=1, padding=window // 2)
+
+
 def estimate_airlight(hazy: torch.Tensor, window: int = 15, top_fraction: float = 0.001) -> torch.Tensor:
     """He et al.'s atmospheric light: (N, 3, H, W) in [0, 1] -> (N, 3), no gradient.
 
@@ -142,7 +147,7 @@ def estimate_airlight(hazy: torch.Tensor, window: int = 15, top_fraction: float 
     with torch.no_grad():
         x = hazy.float()
         n, _, h, w = x.shape
-        dark = -F.max_pool2d(-x.amin(dim=1, keepdim=True), window, stride=1, padding=window // 2)
+        dark = _hard_dark_channel(x, window)
         k = max(1, int(top_fraction * h * w))
         index = dark.flatten(1).topk(k, dim=1).indices
         pixels = x.flatten(2).gather(2, index[:, None, :].expand(n, 3, k))
@@ -186,19 +191,18 @@ def estimate_transmission(hazy: torch.Tensor, airlight: torch.Tensor, window: in
     """He et al.'s transmission: (N, 3, H, W) in [0, 1], airlight (N, 3) -> (N, 1, H, W) in [t_min, 1], no gradient."""
     with torch.no_grad():
         x = hazy.float() / airlight.float().view(-1, 3, 1, 1).clamp_min(1e-3)
-        dark = -F.max_pool2d(-x.amin(dim=1, keepdim=True), window, stride=1, padding=window // 2)
-        return (1.0 - omega * dark).clamp(t_min, 1.0)
+        return (1.0 - omega * _hard_dark_channel(x, window)).clamp(t_min, 1.0)
 
 
 def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Tensor, pool: int = 4,
                     kappa: float = 0.5, ceiling: float = 0.3, floor: float = 0.01,
-                    t_min: float = 0.25) -> torch.Tensor:
+                    t_min: float = 0.25, transmission: torch.Tensor | None = None) -> torch.Tensor:
     """Chroma shortfall against the haze model's prediction; (N,), >= 0 (RGB units).
 
     On ``pool`` x ``pool`` averages of ``v - A``:
     ``relu(min(kappa * relu(|c_x| - floor) / t, ceiling) - |c_y|)`` averaged over pixels,
     with ``c`` the chroma relative to the airlight ``A`` (N, 3) and ``t`` the input's
-    dark-channel transmission (:func:`estimate_transmission`, clamped to ``t_min``).
+    dark-channel transmission (``transmission`` (N, 1, H, W), else :func:`estimate_transmission`).
     ``floor``: input chroma below it (its direction is noise, JPEG or a slightly wrong
     airlight) asks for nothing; where ``t < t_min`` (sky, dense fog: there the chroma of
     ``x - A`` is mostly the complement of the airlight's own tint) it asks for nothing
@@ -207,7 +211,7 @@ def saturation_term(output: torch.Tensor, hazy: torch.Tensor, airlight: torch.Te
     of skipped, faint cream-pink casts in flat skies.
     """
     y, x = output.float(), hazy.float()
-    t = estimate_transmission(x, airlight, t_min=1e-3)
+    t = estimate_transmission(x, airlight, t_min=1e-3) if transmission is None else transmission.float()
     a = airlight.float().view(-1, 3, 1, 1)
     y, x = y - a, x - a
     k = min(pool, y.shape[-2], y.shape[-1])
@@ -360,7 +364,7 @@ class Prior(Objective):
     ) -> None:
         super().__init__()
         weights = {"dark_weight": dark_weight, "exposure_weight": exposure_weight,
-                       "colour_weight": colour_weight, "hue_weight": hue_weight,
+                   "colour_weight": colour_weight, "hue_weight": hue_weight,
                    "structure_weight": structure_weight, "range_weight": range_weight,
                    "saturation_weight": saturation_weight}
         for key, value in weights.items():
@@ -409,20 +413,23 @@ class Prior(Objective):
                 target = (self.exposure_relative * luminance(x).mean(dim=(1, 2, 3))).clamp(0.05, 0.95)
             else:
                 target = self.exposure_target
-            airlight = estimate_airlight(x)
+            saturation = self.weights["saturation_weight"] > 0
+            needs_airlight = self.hue_reference == "airlight" or saturation or self.structure_max_gain > 0
+            airlight = estimate_airlight(x) if needs_airlight else None
+            # one raw transmission for both users; the structure bound keeps its t >= 0.1 clamp
+            t = estimate_transmission(x, airlight, t_min=1e-3) if saturation or self.structure_max_gain > 0 else None
             terms = {
                 "dark": (soft_dark_channel(y, self.dark_window, self.tau) - self.dark_floor).relu().mean(
                     dim=(1, 2, 3)),
                 "exposure": exposure_term(y, target),
                 "colour": colour_term(y),
                 "hue": hue_term(y, x, airlight=airlight if self.hue_reference == "airlight" else None),
-                "structure": structure_term(
-                    y, x, max_gain=self.structure_max_gain,
-                    transmission=estimate_transmission(x, airlight) if self.structure_max_gain > 0 else None),
+                "structure": structure_term(y, x, max_gain=self.structure_max_gain,
+                                            transmission=None if t is None else t.clamp_min(0.1)),
                 "range": range_term(y, self.range_fraction, x, self.range_gain),
             }
-            if self.weights["saturation_weight"] > 0:
-                terms["saturation"] = saturation_term(y, x, airlight, kappa=self.saturation_kappa)
+            if saturation:
+                terms["saturation"] = saturation_term(y, x, airlight, kappa=self.saturation_kappa, transmission=t)
             return terms
 
     def forward(self, output: torch.Tensor, hazy: torch.Tensor) -> torch.Tensor:
