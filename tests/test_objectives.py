@@ -411,6 +411,26 @@ def test_prior_fixed_exposure_target_also_ranks():
     assert float(prior(clear, hazy)) < float(prior(hazy, hazy))
 
 
+def test_exposure_patch_zero_asks_for_brightness_not_flat_patches():
+    from bilalora.objectives.prior import exposure_term
+
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    contrast = flat.clone()
+    contrast[..., :, :32] = 0.2  # two halves, same mean luminance 0.5 ... 0.2 and 0.8
+    contrast[..., :, 32:] = 0.8
+    # per 16 x 16 patch the contrast between patches costs; the image mean does not
+    assert float(exposure_term(contrast, 0.5, patch=16)) == pytest.approx(0.09, rel=1e-5)
+    assert float(exposure_term(contrast, 0.5, patch=0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(exposure_term(flat * 0.5, 0.5, patch=0)) == pytest.approx(0.0625)  # too dark still costs
+    target = torch.tensor([0.25])
+    assert float(exposure_term(flat, target, patch=0)) == pytest.approx(0.0625)  # per-image tensor target
+    hazy = flat * 0.5 + 0.45
+    assert Prior(exposure_patch=0).terms(contrast, hazy)["exposure"].shape == (1,)
+    assert build_objective("prior(exposure_patch=0)").describe()["exposure_patch"] == 0
+    with pytest.raises(UserError, match="exposure_patch"):
+        Prior(exposure_patch=-1)
+
+
 def test_prior_gradients_finite_even_out_of_range():
     hazy = textured() * 0.5 + 0.45
     for output in (torch.randn(2, 3, 64, 64) * 2, torch.zeros(2, 3, 64, 64), torch.ones(2, 3, 64, 64), hazy.clone()):

@@ -10,10 +10,19 @@ bf16 region does not reach the blur convolutions or the variances:
                 softmin_channels(v) = -tau * log( mean_RGB exp(-v / tau) );
                 softmin_window(v)   = -tau * log( avgpool_15x15( exp(-v / tau) ) )
                 (a log-mean-exp: between the window minimum and mean; tau = 0.02).
-    exposure  = mean_patches( (avgpool_16x16(lum(y)) - E)^2 )       (Zero-DCE L_exp)
+    exposure  = mean_patches( (avgpool_PxP(lum(y)) - E)^2 )         (Zero-DCE L_exp, P = 16)
                 lum = channel mean; E = exposure_relative * mean lum(x) per image
                 (default 0.8, clipped to [0.05, 0.95]), or the fixed
                 exposure_target (0.6 as in Zero-DCE) when exposure_relative is 0/None.
+                P = ``exposure_patch``; P = 0: (mean lum(y) - E)^2, the image's mean.
+                Per patch, the term also charges every patch that is brighter or
+                darker than E: the contrast between patches, which haze compresses and
+                dehazing gives back. Measured (benchmarks/site_judge.py, real_day
+                validation halves): LoRA on one level-3 block of DEA-Net lowered the
+                prior mostly through this term (flatter patch luminance) and left FADE
+                where it was (mean over the 8 blocks -0.4 %), while level-1/2 blocks
+                lowered the dark term and FADE by 15-18 %; the search followed the
+                objective to level 3.
     colour    = (mR - mG)^2 + (mR - mB)^2 + (mG - mB)^2                  (Zero-DCE L_col)
                 m = per-image channel means of y (grey world).
     hue       = mean_p( |d - q u| + relu(-q) )  on 4 x 4 averages, where d = c_y - c_x,
@@ -117,10 +126,17 @@ def soft_dark_channel(images: torch.Tensor, window: int = 15, tau: float = 0.02)
 
 
 def exposure_term(images: torch.Tensor, target, patch: int = 16) -> torch.Tensor:
-    """Mean squared distance of 16 x 16 patch luminance to ``target`` (float or (N,) tensor); (N,)."""
+    """Mean squared distance of ``patch`` x ``patch`` patch luminance to ``target`` (float or (N,) tensor); (N,).
+
+    ``patch`` 0: the image's mean luminance (one patch), which asks for a brightness
+    without penalising contrast between patches.
+    """
     lum = luminance(images.float())
-    k = min(patch, lum.shape[-2], lum.shape[-1])
-    means = F.avg_pool2d(lum, k, stride=k)
+    if patch == 0:
+        means = lum.mean(dim=(2, 3), keepdim=True)
+    else:
+        k = min(patch, lum.shape[-2], lum.shape[-1])
+        means = F.avg_pool2d(lum, k, stride=k)
     if isinstance(target, torch.Tensor):
         target = target.view(-1, 1, 1, 1)
     return ((means - target) ** 2).mean(dim=(1, 2, 3))
@@ -318,6 +334,8 @@ class Prior(Objective):
         saturation_kappa: fraction of the predicted chroma asked for.
         structure_max_gain: 0 (default): gaining local contrast is free; g >= 1: free up
             to min(g, 1/t) x the input's (t: the input's dark-channel transmission).
+        exposure_patch: side of the exposure term's patches (16: Zero-DCE's); 0: the
+            image's mean luminance only (contrast between patches costs nothing).
 
     The range term (weight 0.5) was chosen on real_day's held-out split with a reduced
     schedule (``benchmarks/results/adapt_eval_day_reduced_range.json``): FADE 0.458
@@ -361,6 +379,7 @@ class Prior(Objective):
         saturation_weight: float = 0.0,
         saturation_kappa: float = 0.5,
         structure_max_gain: float = 0.0,
+        exposure_patch: int = 16,
     ) -> None:
         super().__init__()
         weights = {"dark_weight": dark_weight, "exposure_weight": exposure_weight,
@@ -394,6 +413,9 @@ class Prior(Objective):
         if not (0.0 <= float(structure_max_gain) < float("inf")) or 0 < float(structure_max_gain) < 1:
             raise UserError(f"prior structure_max_gain must be 0 (unbounded) or >= 1, got {structure_max_gain!r}")
         self.structure_max_gain = float(structure_max_gain)
+        if int(exposure_patch) != exposure_patch or exposure_patch < 0:
+            raise UserError(f"prior exposure_patch must be 0 (the image mean) or a positive integer, got {exposure_patch!r}")
+        self.exposure_patch = int(exposure_patch)
         if hue_reference not in ("airlight", "grey"):
             raise UserError(f"prior hue_reference must be 'airlight' or 'grey', got {hue_reference!r}")
         self.hue_reference = hue_reference
@@ -421,7 +443,7 @@ class Prior(Objective):
             terms = {
                 "dark": (soft_dark_channel(y, self.dark_window, self.tau) - self.dark_floor).relu().mean(
                     dim=(1, 2, 3)),
-                "exposure": exposure_term(y, target),
+                "exposure": exposure_term(y, target, self.exposure_patch),
                 "colour": colour_term(y),
                 "hue": hue_term(y, x, airlight=airlight if self.hue_reference == "airlight" else None),
                 "structure": structure_term(y, x, max_gain=self.structure_max_gain,
@@ -453,5 +475,6 @@ class Prior(Objective):
             "range_gain": self.range_gain,
             "saturation_kappa": self.saturation_kappa,
             "structure_max_gain": self.structure_max_gain,
+            "exposure_patch": self.exposure_patch,
             "clamp": "inward pass-through",
         }
