@@ -4,7 +4,9 @@ A *site* is a module with direct ``Conv2d`` (or ``Linear``) children; all those
 children get LoRA and share the site's gate (docs/method.md, "Gated LoRA"). A conv that
 is a direct child of the root model is a site of its own, named after it.
 Backbones may declare a default search space as glob patterns (DEA-Net: the
-release's 16 encoder blocks); ``include``/``exclude`` patterns narrow any list.
+release's 16 encoder blocks), and search spaces for particular objectives (DEA-Net
+under the prior: its level-1 encoder blocks); ``include``/``exclude`` patterns narrow
+any list.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["Site", "discover", "default_sites", "select", "by_name", "lora_param_count", "LORA_TYPES"]
+__all__ = ["Site", "discover", "default_sites", "objective_patterns", "select", "by_name", "lora_param_count",
+           "LORA_TYPES"]
 
 #: Layer types that can carry LoRA.
 LORA_TYPES = (nn.Conv2d, nn.Linear)
@@ -82,8 +85,24 @@ def discover(model: nn.Module) -> list[Site]:
     return sites
 
 
-def default_sites(model: nn.Module) -> list[Site]:
-    """The backbone's default search space (all sites when it declares none)."""
+def objective_patterns(model: nn.Module, objective: Optional[str]) -> Optional[list[str]]:
+    """The backbone's search space (glob patterns) for the objective named ``objective``, if it declares one."""
+    if not objective:
+        return None
+    by_objective = (getattr(model, "bilalora_info", None) or {}).get("objective_sites") or {}
+    patterns = by_objective.get(objective)
+    return list(patterns) if patterns else None
+
+
+def default_sites(model: nn.Module, objective: Optional[str] = None) -> list[Site]:
+    """The backbone's default search space (all sites when it declares none).
+
+    ``objective``: an objective's name (``"prior"``); a backbone that declares a search
+    space for it (``objective_sites`` in its registry entry) gives that one instead.
+    """
+    patterns = objective_patterns(model, objective)
+    if patterns is not None:
+        return select(discover(model), include=patterns)
     patterns = (getattr(model, "bilalora_info", None) or {}).get("default_sites")
     if patterns is None:
         patterns = getattr(model, "default_sites", None)

@@ -55,3 +55,7 @@ def sites_command(
         f"(torch.utils.flop_counter, multiply-add = 2) = {cost.macs / 1e9:.2f} GMACs (the paper's 'FLOPs')"
     )
     console.print(f"weights: {model.bilalora_info['weights']}; input: {describe(model.bilalora_info['input_norm'])}")
+    for objective, patterns in sorted((model.bilalora_info.get("objective_sites") or {}).items()):
+        names = [site.name for site in site_lib.default_sites(model, objective)]
+        console.print(f"--objective {objective} searches {len(names)} of them by default: {', '.join(names)} "
+                      f"({', '.join(patterns)}; --sites overrides)")

@@ -609,3 +609,42 @@ def test_resume_keeps_the_runs_preset(tmp_path, hazy_folder):
             "--schedule paper for the paper's") in "\n".join(messages)
     assert result.summary["schedule_preset"]["preset"] == "cpu" and result.summary["config"]["batch"] == 4
     assert result.summary["schedule"] == {"search": 4, "finetune": 2}
+
+
+def test_prior_search_space_for_dea_net():
+    """DEA-Net declares its level-1 encoder blocks as the prior's search space; other objectives keep the 16."""
+    from bilalora import sites
+    from bilalora.adapt.config import resolve_search_space
+
+    model = _model()
+    assert [s.name for s in sites.default_sites(model, "prior")] == [f"down_level1_block{i}" for i in range(1, 5)]
+    assert len(sites.default_sites(model, "h2c")) == len(sites.default_sites(model)) == 16
+    config = resolve_search_space(_config(), model, "prior")
+    assert config.sites == ["down_level1_block[1-4]"] and config.search_space == "dea-net-t for the prior objective"
+    for unchanged, name in ((_config(sites=["level3_*"]), "prior"), (_config(method="manual", sites=["level3_block1"]),
+                            "prior"), (_config(), "h2c"), (_config(), None), (config, "prior")):  # fmt: skip
+        assert resolve_search_space(unchanged, model, name) is unchanged
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3))  # a model without a registry entry
+    assert resolve_search_space(_config(), plain, "prior").sites is None
+
+
+def test_prior_run_searches_the_backbones_prior_space_and_resume_keeps_it(tmp_path, hazy_folder):
+    from bilalora.objectives import Prior
+
+    run = tmp_path / "run"
+    _interrupt_at(5, _model(), hazy_folder, Prior(), _config(), run)
+    saved = read_checkpoint(run)["config"]
+    assert saved["sites"] == ["down_level1_block[1-4]"] and saved["search_space"] == "dea-net-t for the prior objective"
+    result = adapt(_model(), hazy_folder, Prior(), None, run, resume=True, console=None)
+    summary = result.summary
+    assert sorted(name for name, _ in summary["ranking"]) == [f"down_level1_block{i}" for i in range(1, 5)]
+    assert summary["config"]["search_space"] == "dea-net-t for the prior objective"
+    # resume with a config that names no sites: the run's own space is not a changed flag
+    config, applied, ignored = reconcile_resume(AdaptConfig.from_dict(saved), _config())
+    assert config.sites == ["down_level1_block[1-4]"] and "--sites" not in ignored
+    from rich.console import Console
+
+    console = Console(record=True, width=300)  # a new run says where its search space came from
+    adapt(_model(), hazy_folder, Prior(), _config(steps=2, search_steps=1), tmp_path / "new", console=console)
+    text = console.export_text()
+    assert "search space: down_level1_block[1-4] (dea-net-t for the prior objective; --sites " in text

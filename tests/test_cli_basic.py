@@ -25,6 +25,9 @@ def test_sites_default_and_all():
     assert result.exit_code == 0, result.output
     assert "16 sites" in result.output and "level3_block8" in result.output
     assert "up_level1_block1" not in result.output
+    flat = " ".join(result.output.split())
+    assert ("--objective prior searches 4 of them by default: down_level1_block1, down_level1_block2, "
+            "down_level1_block3, down_level1_block4") in flat
     result = runner.invoke(app, ["sites", "--backbone", "dea-net-t", "--all", "--size", "64"])
     assert result.exit_code == 0, result.output
     assert "up_level1_block1" in result.output and "mix1" in result.output

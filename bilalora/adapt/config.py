@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..search import OptimConfig
 
 __all__ = ["METHODS", "PRESETS", "PRESET_FIELDS", "RESUME_APPLIED", "SCHEDULES", "AdaptConfig", "describe_preset",
-           "preset_for_device", "reconcile_resume", "resolve_preset"]
+           "preset_for_device", "reconcile_resume", "resolve_preset", "resolve_search_space"]
 
 METHODS = ("bilevel", "joint", "manual", "full")
 
@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 RESUME_APPLIED = ("steps", "epochs", "log_every", "checkpoint_every", "checkpoint_minutes", "workers", "max_bad_steps")
 
 #: What the run itself records about its preset (never compared on resume).
-_RECORD_FIELDS = ("preset", "explicit")
+_RECORD_FIELDS = ("preset", "explicit", "search_space")
 
 #: Stage lengths come in pairs: a stage takes ``steps`` when set, else ``epochs``.
 _STAGE_PAIRS = {"steps": "epochs", "epochs": "steps", "search_steps": "search_epochs", "search_epochs": "search_steps"}
@@ -67,6 +67,12 @@ class AdaptConfig:
     images, batch 24, 55 search + 275 fine-tune steps), ``cpu`` (batch 4, crops
     of 96, 20 search steps of 60 in all, images downsized to 512 px), or
     ``auto`` (the default): ``paper`` on an accelerator, ``cpu`` on the CPU.
+
+    Search space: a searching run without ``sites`` takes the backbone's search
+    space for its objective when the backbone declares one (DEA-Net under the
+    prior: its level-1 encoder blocks), else the backbone's default; :func:`adapt`
+    fills ``sites`` with its patterns and ``search_space`` with where they came
+    from (:func:`resolve_search_space`), so a resumed run keeps them.
     A stage given in epochs takes no steps from the preset. ``max_side`` 0 keeps
     images at full size whatever the preset. :func:`adapt` resolves the
     config for its device; ``preset`` (the preset used) and ``explicit`` (the
@@ -75,6 +81,7 @@ class AdaptConfig:
 
     method: str = "bilevel"
     sites: list[str] | None = None
+    search_space: str | None = None
     exclude_sites: list[str] | None = None
     top_k: int = 3
     rank: int = 8
@@ -221,6 +228,29 @@ def resolve_preset(config: AdaptConfig, device: Any = "cpu") -> AdaptConfig:
     return resolved
 
 
+def resolve_search_space(config: AdaptConfig, model: Any, objective_name: str | None) -> AdaptConfig:
+    """``config`` with the backbone's search space for ``objective_name`` as its ``sites`` (a copy), if it applies.
+
+    Applies to a searching run (``bilevel``, ``joint``) that names no ``sites`` and
+    was not resolved before (``search_space`` unset), on a backbone that declares a
+    search space for the objective (``bilalora_info["objective_sites"]``). Anything
+    else comes back unchanged. ``search_space`` records the origin, e.g.
+    ``"dea-net-s for the prior objective"``.
+    """
+    from ..sites import objective_patterns
+
+    if config.sites or not config.searches or config.search_space is not None:
+        return config
+    patterns = objective_patterns(model, objective_name)
+    if patterns is None:
+        return config
+    resolved = AdaptConfig.from_dict(config.as_dict())
+    resolved.sites = patterns
+    backbone = (getattr(model, "bilalora_info", None) or {}).get("name") or type(model).__name__
+    resolved.search_space = f"{backbone} for the {objective_name} objective"
+    return resolved
+
+
 def describe_preset(config: AdaptConfig, device: Any, resumed: bool = False) -> str:
     """One line: the preset of ``config`` (resolved for ``device`` if it is not), why, and how to get the other.
 
@@ -280,6 +310,8 @@ def reconcile_resume(
     if requested is None:
         return saved, [], []
     old, new = _flat(saved), _flat(requested)
+    if new["sites"] is None and old["search_space"] is not None:
+        new["sites"] = old["sites"]  # the run's own search space (resolved from its objective) is not a request
     if given is None:  # every field, but a preset field left None asks for nothing
         keys = [k for k in new if not (new[k] is None and (k in PRESET_FIELDS or k in _STAGE_PAIRS))]
     else:

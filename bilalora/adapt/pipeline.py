@@ -18,7 +18,8 @@ from ..devices import autocast_factory, uses_bf16
 from ..errors import UserError
 from ..io import atomic_path, read_json, write_json
 from ..runs import ADAPTER_NAME, FULL_NAME, check_run_dir, checkpoint_path, clear_run_files
-from .config import PRESET_FIELDS, AdaptConfig, describe_preset, reconcile_resume, resolve_preset
+from .config import (PRESET_FIELDS, AdaptConfig, describe_preset, reconcile_resume, resolve_preset,
+                     resolve_search_space)
 from .loop import run_stages, truncate_log
 from .report import gate_separation, movement, plot_results
 from .schedule import Schedule, Split, StepCrops, eval_batches, image_subset, resolve_schedule, split_images
@@ -119,6 +120,8 @@ def adapt(
     check_run_dir(run_dir, resume, exist_ok)
     record = read_checkpoint(run_dir) if resume else None
     config = _settle_config(config, record, given, device, say)
+    if record is None:
+        config = resolve_search_space(config, model, getattr(objective, "name", None))
     try:
         if not resume and not created:
             _replace_earlier_run(run_dir, say)
@@ -127,6 +130,10 @@ def adapt(
         schedule = resolve_schedule(config, len(data.train))
         say(describe_preset(config, device, resumed=record is not None))
         say(schedule.describe())
+        if config.search_space:
+            default = (getattr(model, "bilalora_info", None) or {}).get("default_sites") or ["'*'"]
+            say(f"search space: {', '.join(config.sites)} ({config.search_space}; "
+                f"--sites {','.join(default)} searches the backbone's default space)")
         state = _start_state(model, config, device, base_fingerprint, schedule, record, run_dir, say)
         autocast = autocast_factory(device, config.precision)
         _run(state, schedule, data, objective, autocast, run_dir, console, on_step)
