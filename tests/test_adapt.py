@@ -345,7 +345,7 @@ def test_presets_by_device():
     for device in ("cpu", "CPU"):
         config = resolve_preset(AdaptConfig(), device)
         assert (config.preset, config.explicit) == ("cpu", [])
-        assert (config.batch, config.crop, config.search_steps, config.steps, config.max_side) == (4, 96, 20, 60, 512)
+        assert (config.batch, config.crop, config.search_steps, config.steps, config.max_side) == (4, 96, 20, 80, 512)
     for device in ("cuda", "cuda:1", "mps", torch.device("cuda", 0)):
         config = resolve_preset(AdaptConfig(), device)
         assert (config.preset, config.explicit) == ("paper", [])
@@ -353,11 +353,11 @@ def test_presets_by_device():
             24, 224, None, None, None)
     assert resolve_preset(AdaptConfig(schedule="paper"), "cpu").batch == 24
     assert resolve_preset(AdaptConfig(schedule="cpu"), "cuda").batch == 4
-    assert PRESETS["cpu"] == {"batch": 4, "crop": 96, "search_steps": 20, "steps": 60, "max_side": 512}
-    # the stage lengths: 20 search steps of 60 on the CPU whatever the folder
+    assert PRESETS["cpu"] == {"batch": 4, "crop": 96, "search_steps": 20, "steps": 80, "max_side": 512}
+    # the stage lengths: 20 search steps of 80 on the CPU whatever the folder
     for n_train in (3, 27, 200):
-        assert resolve_schedule(AdaptConfig(), n_train).as_dict() == {"search": 20, "finetune": 40}
-        assert resolve_schedule(AdaptConfig(method="full"), n_train).as_dict() == {"finetune": 60}
+        assert resolve_schedule(AdaptConfig(), n_train).as_dict() == {"search": 20, "finetune": 60}
+        assert resolve_schedule(AdaptConfig(method="full"), n_train).as_dict() == {"finetune": 80}
     assert resolve_schedule(AdaptConfig(), 27, "cuda").as_dict() == {"search": 55, "finetune": 275}
     with pytest.raises(UserError, match="--schedule fast: use one of auto, paper, cpu"):
         AdaptConfig(schedule="fast").validate()
@@ -369,7 +369,7 @@ def test_explicit_settings_win_over_the_preset():
     config = AdaptConfig(batch=8, max_side=0)
     resolved = resolve_preset(config, "cpu")
     assert config.batch == 8 and config.crop is None and not config.resolved  # the caller's config is not changed
-    assert (resolved.batch, resolved.crop, resolved.max_side, resolved.steps) == (8, 96, 0, 60)
+    assert (resolved.batch, resolved.crop, resolved.max_side, resolved.steps) == (8, 96, 0, 80)
     assert resolved.explicit == ["batch", "max_side"]
     # a stage given in epochs takes no steps from the preset; the other stage still does
     resolved = resolve_preset(AdaptConfig(epochs=10), "cpu")

@@ -6,7 +6,7 @@ one or two batches per epoch, so an epoch-based search of 5 epochs would take
 5-10 steps. The config's preset (:func:`bilalora.adapt.config.resolve_preset`:
 ``paper`` on an accelerator, ``cpu`` on the CPU unless ``schedule`` names one)
 fills the batch, crop, image size and stage lengths the caller left unset. The
-``cpu`` preset gives 20 search steps of 60. Under ``paper``,
+``cpu`` preset gives 20 search steps of 80. Under ``paper``,
 :func:`resolve_schedule` gives each stage the paper's epochs (5 search, 30 in
 all) but at least :data:`MIN_SEARCH_STEPS` search and :data:`MIN_TOTAL_STEPS`
 total steps, about what the paper's schedule gives on its 500 images (batch 24:
