@@ -13,7 +13,8 @@ from bilalora.parsing import parse_list
 from .common import console, resolve_device, user_errors
 
 _DEFAULTS_NOTE = ("defaults follow the paper's release (docs/method.md) except --lr and --gate-lr, chosen by "
-                  "measurement, and the schedule, which is the cpu preset on the CPU (--schedule)")
+                  "measurement, the schedule, which is the cpu preset on the CPU (--schedule), and the search "
+                  "space under --objective prior where the backbone declares one (DEA-Net: its level-1 blocks)")
 
 #: CLI parameter -> AdaptConfig field (``optim.*`` for the optimiser), for the flags a resumed run compares.
 _CONFIG_FIELDS = {
@@ -53,7 +54,8 @@ def adapt_command(
     positive: Optional[str] = typer.Option(None, "--positive", help="Positive prompt (default 'a clear photo')."),
     night: bool = typer.Option(False, "--night", help="Night adapter: negative prompt 'a photo with nighttime haze'."),
     method: str = typer.Option("bilevel", "--method", "-m", help="bilevel | joint | manual | full"),
-    sites: Optional[str] = typer.Option(None, "--sites", help="Candidate sites (names/globs, comma separated)."),
+    sites: Optional[str] = typer.Option(None, "--sites", help="Candidate sites (names/globs, comma separated; default: the backbone's search space, for "
+                              "--objective prior its prior space if it declares one; see `bilalora sites`)."),
     exclude_sites: Optional[str] = typer.Option(None, "--exclude-sites", help="Sites to leave out (globs)."),
     top_k: int = typer.Option(3, "--top-k", "-k", help="Sites kept for stage B."),
     rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank."),
