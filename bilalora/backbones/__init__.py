@@ -58,11 +58,13 @@ DEA_NET_SEARCH_SITES = (
 
 #: DEA-Net's search space for the CLIP-free prior objective: the full-resolution level-1
 #: encoder blocks. Measured on real_day's validation halves (benchmarks/site_judge.py,
-#: benchmarks/results/site_judge_real_day.json): adapted alone, each level-3 block lowers
+#: benchmarks/results/site_judge_real_day.json): adapted alone, the level-3 blocks lower
 #: the prior the most (mostly its exposure term: flatter patch luminance) and FADE not at
-#: all (mean over the 8 blocks -0.4 % and +1.2 % on two splits) while level-1 and level-2
-#: blocks lower FADE by 15-30 %, so a search over the 16 follows the prior to level 3;
-#: searched among the level-1 blocks, three splits all lowered FADE by 24-33 %.
+#: all (mean over the 8 blocks -0.4, +1.2 and -2.8 % on three splits) while the level-1
+#: blocks lower FADE by 15-20 % on every split (level 2: on two of three), so a search over
+#: the 16 follows the prior to level 3. Searched among the level-1 blocks, the three splits'
+#: validation halves lost 32-39 % of their FADE (site_space_val_day.json) and their test
+#: splits 35-38 % (adapt_eval_level1_seed*.json), against -32 / +6 / -2 % before.
 DEA_NET_PRIOR_SITES = ("down_level1_block[1-4]",)
 
 

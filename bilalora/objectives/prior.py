@@ -20,9 +20,12 @@ bf16 region does not reach the blur convolutions or the variances:
                 dehazing gives back. Measured (benchmarks/site_judge.py, real_day
                 validation halves): LoRA on one level-3 block of DEA-Net lowered the
                 prior mostly through this term (flatter patch luminance) and left FADE
-                where it was (mean over the 8 blocks -0.4 %), while level-1/2 blocks
-                lowered the dark term and FADE by 15-18 %; the search followed the
-                objective to level 3.
+                where it was (mean over the 8 blocks -0.4 / +1.2 / -2.8 % on three
+                splits), while level-1 blocks lowered the dark term and FADE by 15-20 %;
+                the search followed the objective to level 3. P = 0 kept the search
+                off level 3 more often but lowered FADE less on the same sites, so
+                16 stays the default and DEA-Net's prior search space is its level-1
+                blocks instead (bilalora.backbones.DEA_NET_PRIOR_SITES).
     colour    = (mR - mG)^2 + (mR - mB)^2 + (mG - mB)^2                  (Zero-DCE L_col)
                 m = per-image channel means of y (grey world).
     hue       = mean_p( |d - q u| + relu(-q) )  on 4 x 4 averages, where d = c_y - c_x,
