@@ -9,7 +9,7 @@ validation images, or the search's gate value, rank the sites the same way?
 For every seed (each draws its own train/val/test split of ``--images``):
 
 1. ``bilalora.adapt`` with ``method="manual"`` on one site at a time (the cpu preset's
-   fine-tuning: same steps, batch, crops and learning rate as a default run's stage B);
+   batch, crops and learning rate; ``--steps`` fine-tuning steps, 60 by default);
 2. the adapted and the base network on the validation half (whole images, longer side
    ``--max-side``): FADE, entropy and the objective (the run's loss on whole images);
 3. optionally (``--search``) a default bilevel run of the same seed: its gate values.
@@ -28,7 +28,6 @@ Validation halves only (the test splits stay held out for the final figures).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,24 +44,10 @@ DATA = REPO.parent / "shared" / "data" / "real_day"
 
 
 def spearman(a: list[float], b: list[float]) -> Optional[float]:
-    """Spearman rank correlation (average ranks for ties); None for fewer than 3 pairs."""
-    if len(a) < 3:
-        return None
+    """Spearman rank correlation (scipy's, average ranks for ties); None for fewer than 3 pairs."""
+    from scipy.stats import spearmanr
 
-    def ranks(values: list[float]) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        order = values.argsort(kind="mergesort")
-        out = np.empty(len(values))
-        out[order] = np.arange(len(values), dtype=np.float64)
-        for value in np.unique(values):  # ties share their mean rank
-            same = values == value
-            out[same] = out[same].mean()
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return None if len(a) < 3 else float(spearmanr(a, b).statistic)
 
 
 def score(model: torch.nn.Module, images: list[tuple[str, np.ndarray]], objective) -> dict[str, list[float]]:
@@ -80,11 +65,14 @@ def score(model: torch.nn.Module, images: list[tuple[str, np.ndarray]], objectiv
         with torch.no_grad():
             hazy = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
             result = torch.from_numpy(dehazed).permute(2, 0, 1)[None].float().div(255.0)
-            out["objective"].append(float(objective(result, hazy)))
             if hasattr(objective, "terms"):  # the prior: each weighted term, to see which one a site lowers
-                for term, value in objective.terms(result, hazy).items():
-                    weight = objective.weights.get(f"{term}_weight", 1.0)
-                    out.setdefault(f"term.{term}", []).append(weight * float(value.mean()))
+                weighted = {term: objective.weights[f"{term}_weight"] * float(value.mean())
+                            for term, value in objective.terms(result, hazy).items()}
+                for term, value in weighted.items():
+                    out.setdefault(f"term.{term}", []).append(value)
+                out["objective"].append(sum(weighted.values()))  # the prior's total, as its forward sums it
+            else:
+                out["objective"].append(float(objective(result, hazy)))
     return out
 
 
@@ -121,8 +109,6 @@ def run_seed(args, seed: int, workdir: Path) -> dict[str, Any]:
         record["search"] = {"selected": result.summary["selected"], "ranking": result.summary["ranking"],
                             "seconds": result.summary["stages"]}  # fmt: skip
 
-    first = workdir / f"seed{seed}_{names[0]}"
-    val_paths: Optional[list[Path]] = None
     base_scores = None
     images = None
     for index, name in enumerate(names):
@@ -132,9 +118,8 @@ def run_seed(args, seed: int, workdir: Path) -> dict[str, Any]:
         config = AdaptConfig(method="manual", sites=[name], seed=seed, steps=args.steps)
         adapt(backbones.load(args.backbone), args.images, objective, config, run, exist_ok=True)
         seconds_adapt = time.perf_counter() - started
-        if val_paths is None:
-            val_paths = read_split(first)["val"]
-            images, skipped = load_images(val_paths, args.max_side)
+        if base_scores is None:  # the split is the seed's: the first run wrote it
+            images, _ = load_images(read_split(run)["val"], args.max_side)
             base_scores = score(backbones.load(args.backbone), images, objective)
             record["val_images"] = [n for n, _ in images]
             record["base"] = {k: float(np.mean(v)) for k, v in base_scores.items()}
@@ -186,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--objective", default="prior")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sites", default="", help="comma-separated site names (default: the candidates)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per site (default: the cpu preset, 60)")
+    parser.add_argument("--steps", type=int, default=60,
+                        help="fine-tuning steps per site (60: the cpu preset's total when the record was measured)")
     parser.add_argument("--max-side", type=int, default=512, help="score validation images at this longer side")
     parser.add_argument("--search", action="store_true", help="also run the default bilevel search per seed")
     parser.add_argument("--workdir", type=Path, default=Path("runs") / "site_judge")

@@ -101,9 +101,8 @@ def default_sites(model: nn.Module, objective: Optional[str] = None) -> list[Sit
     space for it (``objective_sites`` in its registry entry) gives that one instead.
     """
     patterns = objective_patterns(model, objective)
-    if patterns is not None:
-        return select(discover(model), include=patterns)
-    patterns = (getattr(model, "bilalora_info", None) or {}).get("default_sites")
+    if patterns is None:
+        patterns = (getattr(model, "bilalora_info", None) or {}).get("default_sites")
     if patterns is None:
         patterns = getattr(model, "default_sites", None)
     every = discover(model)
