@@ -10,15 +10,20 @@ without changing them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from .camera import CameraArtifacts, apply_camera_artifacts
 from .errors import UserError
 from .pairs import ClearFolder, PairedFolder
 from .prefetch import prefetched
 
-__all__ = ["TrainMixture", "resolve_synth_ratio"]
+__all__ = ["AIRLIGHT_UNEVENNESS", "TrainMixture", "resolve_synth_ratio"]
+
+AIRLIGHT_UNEVENNESS = (0.0, 0.04)
+"""Relative airlight drift of synthesised haze when camera artifacts are on (``--artifacts``)."""
 
 
 def resolve_synth_ratio(has_pairs: bool, has_clear: bool, synth_ratio: float | None) -> float:
@@ -59,6 +64,10 @@ class TrainMixture:
         batch: samples per step.
         crop: crop side in pixels.
         seed: data seed.
+        artifacts: give every hazy input what a real photo carries and the scattering
+            model lacks (:mod:`bilalora.camera`: grain, 8-bit quantisation, JPEG), and
+            synthesised haze an uneven airlight (:data:`AIRLIGHT_UNEVENNESS`); the clear
+            side is untouched. Off: the samples of earlier releases, bit for bit.
     """
 
     def __init__(
@@ -69,17 +78,26 @@ class TrainMixture:
         batch: int,
         crop: int,
         seed: int,
+        artifacts: bool = False,
     ):
         self.synth_ratio = resolve_synth_ratio(pairs is not None, clear is not None, synth_ratio)
         self.pairs, self.clear = pairs, clear
         self.batch, self.crop, self.seed = batch, crop, seed
+        self.artifacts = CameraArtifacts() if artifacts else None
+        self.haze_ranges = (
+            replace(clear.ranges, airlight_unevenness=AIRLIGHT_UNEVENNESS) if artifacts and clear is not None else None
+        )
 
     def sample(self, step: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample ``index`` of ``step``: (hazy, clear) float32 (crop, crop, 3) in [0, 1]."""
         rng = np.random.default_rng([self.seed, int(step), int(index)])
         if rng.uniform() < self.synth_ratio:
-            return self.clear.sample(int(rng.integers(len(self.clear))), self.crop, rng)
-        return self.pairs.sample(int(rng.integers(len(self.pairs))), self.crop, rng)
+            hazy, clear = self.clear.sample(int(rng.integers(len(self.clear))), self.crop, rng, self.haze_ranges)
+        else:
+            hazy, clear = self.pairs.sample(int(rng.integers(len(self.pairs))), self.crop, rng)
+        if self.artifacts is not None:
+            hazy, _ = apply_camera_artifacts(hazy, rng, self.artifacts)
+        return hazy, clear
 
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of ``step``: (hazy, clear) float32 tensors (B, 3, crop, crop) in [0, 1]."""
@@ -97,6 +115,8 @@ class TrainMixture:
         """JSON-ready description of the mixture."""
         return {
             "synth_ratio": self.synth_ratio,
+            "camera_artifacts": self.artifacts.as_dict() if self.artifacts is not None else None,
+            "airlight_unevenness": list(self.haze_ranges.airlight_unevenness) if self.haze_ranges is not None else None,
             "pairs": self.pairs.summary() if self.pairs is not None else None,
             "synthesized_from": self.clear.summary() if self.clear is not None else None,
         }

@@ -329,8 +329,14 @@ class ClearFolder:
         """How many images have a depth map."""
         return sum(d is not None for d in self._depth)
 
-    def sample(self, index: int, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def sample(
+        self, index: int, crop: int, rng: np.random.Generator, ranges: HazeRanges | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A random crop of image ``index`` with synthesised haze, rotated/flipped with its clear crop.
+
+        Args:
+            index, crop, rng: which image, the crop side, the generator.
+            ranges: haze distribution for this sample (None: the folder's ``ranges``).
 
         Returns:
             (hazy, clear), float32 (crop, crop, 3) in [0, 1].
@@ -345,7 +351,7 @@ class ClearFolder:
         else:
             patch_depth = None
         window = (top / height, left / width, side / height, side / width)
-        hazy, _ = synthesize(clear, rng, patch_depth, self.ranges, window)
+        hazy, _ = synthesize(clear, rng, patch_depth, ranges if ranges is not None else self.ranges, window)
         return _split(augment(np.concatenate([hazy, clear], axis=2), rng))
 
     def summary(self) -> dict:

@@ -65,7 +65,7 @@ __all__ = [
 CKPT_FORMAT = "bilalora-pretrain-checkpoint/1"
 
 #: Config keys whose change on --resume is worth a note (the run continues with the new values).
-_RESUME_NOTED = ("crop", "batch", "seed", "steps", "lr", "lr_min", "synth_ratio")
+_RESUME_NOTED = ("crop", "batch", "seed", "steps", "lr", "lr_min", "synth_ratio", "artifacts")
 
 ProgressFn = Callable[[int, int, dict], None]
 MessageFn = Callable[[str], None]
@@ -436,7 +436,9 @@ def pretrain(
     config.check()
     say = on_message or _silent
     paths = _paths(out, work_dir)
-    mixture = TrainMixture(pairs, clear, config.synth_ratio, config.batch, config.crop, config.seed)
+    mixture = TrainMixture(
+        pairs, clear, config.synth_ratio, config.batch, config.crop, config.seed, artifacts=config.artifacts
+    )
     data_summary = {**mixture.summary(), **({"validation": val.summary()} if val is not None else {})}
     state = start_run(config, device, paths, resume, say)
     finished = True

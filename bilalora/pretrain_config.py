@@ -49,6 +49,8 @@ class PretrainConfig:
         init: start from these weights instead of a random init: a weights file (plain or
             training form) or the name of a backbone with shipped weights (e.g. "dea-net-s").
             Ignored on ``--resume`` (the checkpoint holds the weights).
+        artifacts: camera artifacts on every hazy input and uneven airlight in
+            synthesised haze (:class:`bilalora.mixture.TrainMixture`).
     """
 
     backbone: str = "dea-net"
@@ -74,6 +76,7 @@ class PretrainConfig:
     light_checkpoints: bool = False
     select: str = "best"
     init: str | None = None
+    artifacts: bool = False
 
     def check(self) -> None:
         """Raise a UserError naming the flag of the first invalid value."""

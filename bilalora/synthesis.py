@@ -53,6 +53,10 @@ class HazeRanges:
         noise: (low, high) of the std of Gaussian sensor noise added to the hazy image
             (applied with probability 1/2).
         t_min: lower bound of the transmission.
+        airlight_unevenness: (low, high) of the relative amplitude by which the airlight
+            varies smoothly over the image (real fog and sky are not one colour; under
+            dense haze, where I is nearly A, a dehazer that reads such drift as scene
+            amplifies it by 1 / t into blotches). (0, 0): uniform airlight.
     """
 
     beta: tuple[float, float] = (0.5, 2.8)
@@ -63,6 +67,7 @@ class HazeRanges:
     near: tuple[float, float] = (0.0, 0.25)
     noise: tuple[float, float] = (0.0, 0.012)
     t_min: float = 0.04
+    airlight_unevenness: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class HazeParams:
         nonhomogeneous: whether beta varies over the image.
         field_seed: seed of the smooth field that modulates beta (non-homogeneous haze).
         noise: std of the Gaussian noise added to the hazy image (0: none).
+        airlight_unevenness: relative amplitude of the airlight's smooth variation (0: none).
         kind: ``"grey"``, ``"yellow"`` or ``"blue"`` (airlight colour family).
     """
 
@@ -86,6 +92,7 @@ class HazeParams:
     field_seed: int = 0
     noise: float = 0.0
     kind: str = "grey"
+    airlight_unevenness: float = 0.0
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -188,6 +195,8 @@ def sample_haze(rng: np.random.Generator, ranges: HazeRanges = HazeRanges()) -> 
     airlight = tuple(float(np.clip(c, 0.0, 1.0)) for c in rgb)
     nonhomogeneous = bool(rng.uniform() < ranges.p_nonhomogeneous)
     noise = float(rng.uniform(*ranges.noise)) if rng.uniform() < 0.5 else 0.0
+    low, high = ranges.airlight_unevenness
+    unevenness = float(rng.uniform(low, high)) if high > 0 else 0.0  # no draw: old seeds keep their samples
     return HazeParams(
         beta=beta,
         airlight=airlight,  # type: ignore[arg-type]
@@ -196,6 +205,7 @@ def sample_haze(rng: np.random.Generator, ranges: HazeRanges = HazeRanges()) -> 
         field_seed=int(rng.integers(0, 2**31 - 1)),
         noise=noise,
         kind=kind,
+        airlight_unevenness=unevenness,
     )
 
 
@@ -228,6 +238,9 @@ def apply_haze(
         beta = beta * (0.35 + 1.3 * smooth_field(d.shape, rng))  # 0.35x .. 1.65x
     t = np.clip(np.exp(-beta * d), t_min, 1.0).astype(np.float32)
     airlight = np.asarray(params.airlight, dtype=np.float32)
+    if params.airlight_unevenness > 0:
+        drift = 2.0 * smooth_field(d.shape, np.random.default_rng(params.field_seed + 2)) - 1.0  # [-1, 1]
+        airlight = np.clip(airlight * (1.0 + params.airlight_unevenness * drift[..., None]), 0.0, 1.0)
     hazy = clear * t[..., None] + airlight * (1.0 - t[..., None])
     if params.noise > 0:
         rng = np.random.default_rng(params.field_seed + 1)

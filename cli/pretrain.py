@@ -66,6 +66,12 @@ def pretrain_command(
         "--init",
         help="Start from these weights (a file, plain or training form, or a backbone name with shipped weights).",
     ),
+    artifacts: bool = typer.Option(
+        False,
+        "--artifacts/--no-artifacts",
+        help="Give every hazy input camera grain, 8-bit steps and JPEG, and synthesised haze an uneven airlight "
+        "(the clear side untouched): teaches the network not to amplify them into blotches.",
+    ),
     max_side: int = typer.Option(0, "--max-side", help="Downsize training photos to this longer side first (0: keep)."),
     workers: int = typer.Option(2, "--workers", help="Threads preparing batches ahead (0: none)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)."),
@@ -118,6 +124,7 @@ def pretrain_command(
         light_checkpoints=light_checkpoints,
         select=select,
         init=init,
+        artifacts=artifacts,
     )
     config.check()
     side = max_side or None
@@ -143,7 +150,7 @@ def pretrain_command(
         console.print(f"validation: {len(val_set)} pairs from {val}, every {val_every} steps")
     console.print(
         f"device {device}, precision {precision}, steps {steps}, batch {batch}, crop {crop}, lr {lr:g} -> {lr_min:g}, "
-        f"seed {seed}"
+        f"seed {seed}" + (", camera artifacts and uneven airlight on" if artifacts else "")
     )
     console.print(f"[dim]{_RECIPE_NOTE}[/]")
 

@@ -213,6 +213,24 @@ def test_cli_pretrain_synthesize_only(tmp_path):
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["selected"].startswith("last") and card["data"]["synth_ratio"] == 1.0
     assert card["dtype"] == "fp32" and card["data"]["pairs"] is None
+    assert card["data"]["camera_artifacts"] is None and card["training"]["artifacts"] is False
+
+
+def test_cli_pretrain_artifacts_are_recorded(tmp_path):
+    make_clear(tmp_path / "clear")
+    out = tmp_path / "art.safetensors"
+    result = runner.invoke(
+        app,
+        ["pretrain", "--clear", str(tmp_path / "clear"), "--synthesize", "--artifacts", "--out", str(out),
+         "--backbone", "dea-net-t", "--steps", "1", "--batch", "2", "--crop", "32", "--work-dir", str(tmp_path / "w"),
+         "--device", "cpu", "--threads", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "camera artifacts and uneven airlight on" in result.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["training"]["artifacts"] is True
+    assert card["data"]["camera_artifacts"]["jpeg_quality"] == [35, 95]
+    assert card["data"]["airlight_unevenness"] == [0.0, 0.04]
 
 
 @pytest.mark.parametrize(
