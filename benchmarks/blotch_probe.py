@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None, help="record path (default: RESULTS/blotch_probe_BACKBONE.json)")
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet to draw (JPEG; not for committing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    out = args.results / f"blotch_probe_{args.backbone}.json"
+    out = args.out or args.results / f"blotch_probe_{args.backbone}.json"
     write_json(out, record)
     console.print(f"[green]saved[/] {out}")
     return 0
