@@ -84,6 +84,8 @@ class TrainMixture:
         self.pairs, self.clear = pairs, clear
         self.batch, self.crop, self.seed = batch, crop, seed
         self.artifacts = CameraArtifacts() if artifacts else None
+        if self.artifacts is not None:
+            self.artifacts.check()
         self.haze_ranges = (
             replace(clear.ranges, airlight_unevenness=AIRLIGHT_UNEVENNESS) if artifacts and clear is not None else None
         )
