@@ -324,7 +324,8 @@ def test_shipped_weights_match_their_card_and_run(monkeypatch, name):
 def test_the_paper_setting_base_saw_synthetic_pairs_only():
     card = json.loads(backbones.shipped_weights("dea-net-s-synthetic").with_suffix(".json").read_text())
     assert card["data"]["synth_ratio"] == 0.0 and card["data"]["synthesized_from"] is None
-    assert card["training"]["init"] is None  # from a random init
+    assert card["lineage"][0]["from"] == "random init"  # the first file began from a random init
+    assert all("artifacts" not in step["recipe"] for step in card["lineage"])
     assert card["evaluation"]["synth_test"]["n_pairs"] == 50
 
 
