@@ -261,8 +261,11 @@ def _dea_net_lift_state(model, plain_state: dict) -> dict:
     return lift_plain_state(model, plain_state) if model.train_form else plain_state
 
 
-#: Training hooks shared by every DEA-Net entry (DEConv training form, re-parameterised to plain).
-_DEA_NET_TRAINING = {
+#: Shared by every DEA-Net entry: the search spaces (the release's 16 blocks; level 1 under the
+#: prior) and the training hooks (DEConv training form, re-parameterised to plain).
+_DEA_NET_SHARED = {
+    "default_sites": DEA_NET_SEARCH_SITES,
+    "objective_sites": {"prior": DEA_NET_PRIOR_SITES},
     "train_kwargs": {"train_form": True},
     "to_plain": _dea_net_to_plain,
     "lift_state": _dea_net_lift_state,
@@ -274,10 +277,8 @@ register(
         "dea-net",
         _dea_net,
         "DEA-Net, width 32 (3.65 M params), plain inference form",
-        DEA_NET_SEARCH_SITES,
-        objective_sites={"prior": DEA_NET_PRIOR_SITES},
         weights_file="dea-net.safetensors",
-        **_DEA_NET_TRAINING,
+        **_DEA_NET_SHARED,
     )
 )
 register(
@@ -285,10 +286,8 @@ register(
         "dea-net-train",
         _dea_net,
         "DEA-Net, width 32, DEConv training form (re-parameterises into dea-net)",
-        DEA_NET_SEARCH_SITES,
-        objective_sites={"prior": DEA_NET_PRIOR_SITES},
         kwargs={"train_form": True},
-        **_DEA_NET_TRAINING,
+        **_DEA_NET_SHARED,
     )
 )
 register(
@@ -296,11 +295,9 @@ register(
         "dea-net-s",
         _dea_net,
         "DEA-Net, width 16 (0.92 M params), for edge devices",
-        DEA_NET_SEARCH_SITES,
-        objective_sites={"prior": DEA_NET_PRIOR_SITES},
         weights_file="dea-net-s.safetensors",
         kwargs={"width": 16},
-        **_DEA_NET_TRAINING,
+        **_DEA_NET_SHARED,
     )
 )
 register(
@@ -308,11 +305,9 @@ register(
         "dea-net-s-synthetic",
         _dea_net,
         "DEA-Net, width 16, trained on synthetic indoor pairs only (the paper's synthetic-to-real setting)",
-        DEA_NET_SEARCH_SITES,
-        objective_sites={"prior": DEA_NET_PRIOR_SITES},
         weights_file="dea-net-s-synthetic.safetensors",
         kwargs={"width": 16},
-        **_DEA_NET_TRAINING,
+        **_DEA_NET_SHARED,
     )
 )
 register(
@@ -320,9 +315,7 @@ register(
         "dea-net-t",
         _dea_net,
         "DEA-Net, width 8 (0.23 M params), tiny: smoke tests and microcontrollers",
-        DEA_NET_SEARCH_SITES,
-        objective_sites={"prior": DEA_NET_PRIOR_SITES},
         kwargs={"width": 8},
-        **_DEA_NET_TRAINING,
+        **_DEA_NET_SHARED,
     )
 )
