@@ -35,7 +35,7 @@ from bilalora.objectives import (
     register_objective,
 )
 from bilalora.objectives.h2c import NIGHT_NEGATIVE
-from bilalora.objectives.prior import estimate_airlight, range_term
+from bilalora.objectives.prior import estimate_airlight, gaussian_blur, range_term
 
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "tiny_clip.json"
@@ -394,6 +394,28 @@ def test_prior_range_term_rewards_spanning_the_range_not_beyond_the_gain():
         Prior(range_fraction=0.0)
     with pytest.raises(UserError, match="range_weight"):
         Prior(range_weight=-1)
+
+
+def test_prior_haze_sigma_stops_sharpening_from_counting_as_dehazing():
+    # a dehazed scene, and the same scene with its fine texture amplified (sharpened: noise, blocks)
+    gen = torch.Generator().manual_seed(3)
+    hazy = textured(seed=5) * 0.5 + 0.4
+    dehazed = gaussian_blur(textured(seed=5), 2.0)
+    grain = gaussian_blur(torch.randn(dehazed.shape, generator=gen), 0.7)
+    sharpened = (dehazed + 0.08 * grain / grain.std()).clamp(0, 1)
+    plain, lowpass = Prior(), Prior(haze_sigma=2.0)
+    gain = {name: plain.terms(dehazed, hazy)[name] - plain.terms(sharpened, hazy)[name] for name in ("dark", "range")}
+    assert float(gain["dark"].mean()) > 0.02 and float(gain["range"].mean()) > 0.02  # as is: sharpening "dehazes"
+    for name, left in (("dark", 0.2), ("range", 0.35)):  # the range tails keep some: the blur is only 2 px
+        blurred_gain = lowpass.terms(dehazed, hazy)[name] - lowpass.terms(sharpened, hazy)[name]
+        assert float(blurred_gain.abs().max()) < left * float(gain[name].mean())
+    # removing the veil still counts through the blur
+    assert float(lowpass.terms(dehazed, hazy)["dark"].mean()) < float(lowpass.terms(hazy, hazy)["dark"].mean()) - 0.1
+    assert float(lowpass.terms(dehazed, hazy)["range"].mean()) < float(lowpass.terms(hazy, hazy)["range"].mean()) - 0.05
+    assert Prior().describe()["haze_sigma"] == 0.0 and lowpass.describe()["haze_sigma"] == 2.0
+    assert gaussian_blur(torch.full((1, 3, 5, 7), 0.3), 2.0).shape == (1, 3, 5, 7)
+    with pytest.raises(UserError, match="haze_sigma"):
+        Prior(haze_sigma=-1)
 
 
 def test_airlight_estimate():
