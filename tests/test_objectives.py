@@ -418,6 +418,30 @@ def test_prior_haze_sigma_stops_sharpening_from_counting_as_dehazing():
         Prior(haze_sigma=-1)
 
 
+def test_prior_bright_term_charges_darkening_not_dehazing():
+    clear = textured(seed=6)
+    hazy = clear * 0.5 + 0.45
+    darkened = clear * 0.4  # the dark term's cheap way out: a dim output
+    on = Prior(bright_weight=1.0)
+    bright = {name: on.terms(image, hazy)["bright"] for name, image in
+              (("clear", clear), ("darkened", darkened), ("hazy", hazy))}
+    assert torch.all(bright["darkened"] > bright["clear"] + 0.3)
+    assert torch.all(bright["clear"] < 0.25) and torch.all(bright["hazy"] < bright["darkened"])
+    # the dark term alone prefers the dim output to the clear one; with the bright term, the clear one wins
+    assert float(Prior(dark_weight=1.0, exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0,
+                       range_weight=0)(darkened, hazy)) < float(
+        Prior(dark_weight=1.0, exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0,
+              range_weight=0)(clear, hazy))
+    only = dict(exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0, range_weight=0)
+    assert float(Prior(bright_weight=1.0, **only)(clear, hazy)) < float(Prior(bright_weight=1.0, **only)(darkened, hazy))
+    assert "bright" not in Prior().terms(clear, hazy)  # off by default
+    assert on.describe()["weights"]["bright"] == 1.0
+    on(clear, hazy)
+    assert "prior.bright" in on.last_terms
+    with pytest.raises(UserError, match="bright_weight"):
+        Prior(bright_weight=-0.5)
+
+
 def test_airlight_estimate():
     hazy = textured(seed=7) * 0.3
     hazy[..., 10:30, 20:40] = torch.tensor([0.9, 0.85, 0.7]).view(1, 3, 1, 1)  # a hazy, bright, tinted patch
