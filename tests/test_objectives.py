@@ -353,7 +353,7 @@ def test_prior_prefers_dehazed_over_hazy_black_and_washed():
     assert score["clear"] < score["black"]
     assert score["clear"] < score["washed"]
     assert set(prior.last_terms) == {"prior", "prior.dark", "prior.exposure", "prior.colour", "prior.hue",
-                                     "prior.structure", "prior.range"}
+                                     "prior.structure", "prior.range", "prior.bright"}
 
 
 def test_prior_hue_term_penalises_hue_swaps_not_saturation_gain():
@@ -428,13 +428,11 @@ def test_prior_bright_term_charges_darkening_not_dehazing():
     assert torch.all(bright["darkened"] > bright["clear"] + 0.3)
     assert torch.all(bright["clear"] < 0.25) and torch.all(bright["hazy"] < bright["darkened"])
     # the dark term alone prefers the dim output to the clear one; with the bright term, the clear one wins
-    assert float(Prior(dark_weight=1.0, exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0,
-                       range_weight=0)(darkened, hazy)) < float(
-        Prior(dark_weight=1.0, exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0,
-              range_weight=0)(clear, hazy))
     only = dict(exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0, range_weight=0)
+    dark_only = Prior(bright_weight=0, **only)
+    assert float(dark_only(darkened, hazy)) < float(dark_only(clear, hazy))
     assert float(Prior(bright_weight=1.0, **only)(clear, hazy)) < float(Prior(bright_weight=1.0, **only)(darkened, hazy))
-    assert "bright" not in Prior().terms(clear, hazy)  # off by default
+    assert Prior().describe()["weights"]["bright"] == 0.25  # on by default (validation halves, README "Bench")
     assert on.describe()["weights"]["bright"] == 1.0
     on(clear, hazy)
     assert "prior.bright" in on.last_terms
@@ -489,7 +487,8 @@ def test_prior_gradients_finite_even_out_of_range():
 def test_prior_terms_and_validation():
     clear = textured()
     terms = Prior().terms(clear, clear)
-    assert set(terms) == {"dark", "exposure", "colour", "hue", "structure", "range"}
+    assert set(terms) == {"dark", "exposure", "colour", "hue", "structure", "range", "bright"}
+    assert "bright" not in Prior(bright_weight=0).terms(clear, clear)  # computed only when weighted
     assert all(t.shape == (2,) for t in terms.values())
     assert torch.allclose(terms["structure"], torch.zeros(2), atol=1e-5)  # identical images
     assert torch.allclose(terms["hue"], torch.zeros(2), atol=1e-5)
