@@ -109,8 +109,10 @@ def raw_terms(prior: Prior, pairs) -> dict[str, dict[str, np.ndarray]]:
 
 def rank(prior: Prior, pairs, label: str) -> tuple[dict, dict]:
     """Print a table for ``prior``; return (rows per candidate, per-image totals)."""
-    weights = {k.replace("_weight", ""): v for k, v in prior.weights.items()}
     terms = raw_terms(prior, pairs)
+    # terms with weight 0 that the prior does not compute (saturation by default) are left out
+    weights = {k.replace("_weight", ""): v for k, v in prior.weights.items()
+               if terms[CANDIDATES[0]][k.replace("_weight", "")].size}
     totals = {c: sum(weights[t] * terms[c][t] for t in weights) for c in CANDIDATES}
     print(f"\n{label}: {prior.describe()}")
     print(f"{'candidate':<13}" + "".join(f"{t:>10}" for t in weights) + f"{'total':>10}{'dcp wins':>10}")

@@ -755,3 +755,23 @@ def test_structure_max_gain_charges_contrast_beyond_the_bound():
     assert float(structure_term(tripled, flat, max_gain=4.0, transmission=thin)) > bounded[0] + 0.01
     with pytest.raises(UserError, match="structure_max_gain"):
         Prior(structure_max_gain=0.5)
+
+
+def test_prior_weights_benchmark_ranks_with_the_default_prior():
+    """benchmarks/prior_weights.py scores every computed term (a weight-0 term is not computed)."""
+    import importlib.util
+
+    from scenes import textured_scene  # tests/ is on sys.path under pytest
+
+    spec = importlib.util.spec_from_file_location("prior_weights", Path(__file__).parents[1] / "benchmarks/prior_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pairs = []
+    for seed in (0, 1):
+        clear = textured_scene(64, 80, seed=seed).astype(np.float32)
+        hazy = (0.45 * clear + 0.5).astype(np.float32)
+        pairs.append((hazy, module.candidates(hazy)))
+    rows, totals = module.rank(Prior(), pairs, "default")
+    assert "bright" in rows["dcp"] and "saturation" not in rows["dcp"]
+    assert totals["dcp"].shape == (2,)
+    assert rows["black"]["dcp_better_fraction"] == 1.0 and rows["washed"]["dcp_better_fraction"] == 1.0

@@ -402,13 +402,14 @@ class Prior(Objective):
 
     Defaults (dark 1, exposure 4, colour 2, hue 4, structure 2, exposure_relative
     0.8) come from ``benchmarks/prior_weights.py`` on 68 real daytime hazy images
-    (results in ``benchmarks/results/prior_weights.json``, with range 0.5): DCP's
-    output scores better than the hazy input on 100 % of them (99 % before the
-    range term), better than black, washed-out, blurred, colour-cast, dimmed and
-    hue-swapped outputs on 99-100 %, better than DCP with tripled saturation on
-    82 % (88 % before: the range term slightly favours a wider span). The fixed
-    Zero-DCE target E = 0.6 prefers the hazy input on about half the images (DCP
-    wins on 46 %; 31 % without the range term): dehazing darkens, DCP's mean
+    (results in ``benchmarks/results/prior_weights.json``, with this version's range
+    gain 2 and bright term 0.25): DCP's output scores better than the hazy input on
+    100 % of them (99 % before the range term), better than black, washed-out,
+    blurred, colour-cast, dimmed and hue-swapped outputs on 99-100 %, better than DCP
+    with tripled saturation on 75 % (82 % without the bright term and the range
+    gain, 88 % before the range term: a wider span scores better). The fixed
+    Zero-DCE target E = 0.6 prefers the hazy input on more than half the images (DCP
+    wins on 41 %; 46 % before this version, 31 % without the range term): dehazing darkens, DCP's mean
     luminance is 0.66x the input's (median). These are sanity checks, not a
     tuning for adaptation quality.
 
