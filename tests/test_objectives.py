@@ -431,7 +431,8 @@ def test_prior_bright_term_charges_darkening_not_dehazing():
     only = dict(exposure_weight=0, colour_weight=0, hue_weight=0, structure_weight=0, range_weight=0)
     dark_only = Prior(bright_weight=0, **only)
     assert float(dark_only(darkened, hazy)) < float(dark_only(clear, hazy))
-    assert float(Prior(bright_weight=1.0, **only)(clear, hazy)) < float(Prior(bright_weight=1.0, **only)(darkened, hazy))
+    with_bright = Prior(bright_weight=1.0, **only)
+    assert float(with_bright(clear, hazy)) < float(with_bright(darkened, hazy))
     assert Prior().describe()["weights"]["bright"] == 0.25  # on by default (validation halves, README "Bench")
     assert on.describe()["weights"]["bright"] == 1.0
     on(clear, hazy)
@@ -763,7 +764,8 @@ def test_prior_weights_benchmark_ranks_with_the_default_prior():
 
     from scenes import textured_scene  # tests/ is on sys.path under pytest
 
-    spec = importlib.util.spec_from_file_location("prior_weights", Path(__file__).parents[1] / "benchmarks/prior_weights.py")
+    script = Path(__file__).parents[1] / "benchmarks" / "prior_weights.py"
+    spec = importlib.util.spec_from_file_location("prior_weights", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     pairs = []

@@ -143,8 +143,8 @@ import torch.nn.functional as F
 from ..errors import UserError
 from .base import Objective, check_pair, clamp01, fp32_region
 
-__all__ = ["Prior", "colour_term", "estimate_airlight", "estimate_transmission", "exposure_term", "gaussian_blur", "hue_term",
-           "luminance", "range_term", "saturation_term", "soft_dark_channel", "structure_term"]
+__all__ = ["Prior", "colour_term", "estimate_airlight", "estimate_transmission", "exposure_term", "gaussian_blur",
+           "hue_term", "luminance", "range_term", "saturation_term", "soft_dark_channel", "structure_term"]
 
 C2 = 0.03 ** 2
 #: Stabiliser of the bounded-gain contrast factor: a deviation of 0.01 (2.5 levels of 8 bits),
@@ -321,8 +321,8 @@ def _blur(maps: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, H, W): separable Gaussian blur of ``sigma`` pixels (window 2 ceil(3 sigma) + 1), replicate borders."""
-    half = max(1, int(math.ceil(3 * sigma)))
+    """(N, C, H, W) -> (N, C, H, W): Gaussian blur of ``sigma`` pixels (window 2 ceil(3 sigma) + 1, edge replicated)."""
+    half = max(1, math.ceil(3 * sigma))
     return _blur(images, _gaussian(2 * half + 1, sigma, images.device, images.dtype))
 
 
@@ -409,8 +409,8 @@ class Prior(Objective):
     with tripled saturation on 75 % (82 % without the bright term and the range
     gain, 88 % before the range term: a wider span scores better). The fixed
     Zero-DCE target E = 0.6 prefers the hazy input on more than half the images (DCP
-    wins on 41 %; 46 % before this version, 31 % without the range term): dehazing darkens, DCP's mean
-    luminance is 0.66x the input's (median). These are sanity checks, not a
+    wins on 41 %; 46 % before this version, 31 % without the range term): dehazing
+    darkens, DCP's mean luminance is 0.66x the input's (median). These are sanity checks, not a
     tuning for adaptation quality.
 
     Call: ``prior(output, hazy)``, both (N, 3, H, W) of one size, hazy in [0, 1];
