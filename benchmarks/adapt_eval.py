@@ -133,8 +133,8 @@ def _summary(run: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     summary = json.loads(path.read_text(encoding="utf-8"))
-    keep = ("backbone", "weights", "base_fingerprint", "method", "objective", "schedule", "schedule_preset", "selected", "data",
-            "precision", "device", "movement", "stages")  # fmt: skip
+    keep = ("backbone", "weights", "base_fingerprint", "method", "objective", "schedule", "schedule_preset",
+            "selected", "data", "precision", "device", "movement", "stages")  # fmt: skip
     return {k: summary[k] for k in keep if k in summary}
 
 

@@ -96,23 +96,21 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 def raw_terms(prior: Prior, pairs) -> dict[str, dict[str, np.ndarray]]:
     """{candidate: {term: (n_images,) array}} of the unweighted terms, for (hazy, candidates) pairs."""
-    table = {c: {t.replace("_weight", ""): [] for t in prior.weights} for c in CANDIDATES}
+    table = {c: {} for c in CANDIDATES}  # only the terms the prior computes (a weight-0 optional term is not)
     for hazy, outputs in pairs:
         x = to_tensor(hazy)
         for cand, image in outputs.items():
             with torch.no_grad():
                 terms = prior.terms(to_tensor(image), x)
             for t, v in terms.items():
-                table[cand][t].append(float(v))
+                table[cand].setdefault(t, []).append(float(v))
     return {c: {t: np.array(v) for t, v in d.items()} for c, d in table.items()}
 
 
 def rank(prior: Prior, pairs, label: str) -> tuple[dict, dict]:
     """Print a table for ``prior``; return (rows per candidate, per-image totals)."""
     terms = raw_terms(prior, pairs)
-    # terms with weight 0 that the prior does not compute (saturation by default) are left out
-    weights = {k.replace("_weight", ""): v for k, v in prior.weights.items()
-               if terms[CANDIDATES[0]][k.replace("_weight", "")].size}
+    weights = {t: prior.weights[f"{t}_weight"] for t in terms[CANDIDATES[0]]}
     totals = {c: sum(weights[t] * terms[c][t] for t in weights) for c in CANDIDATES}
     print(f"\n{label}: {prior.describe()}")
     print(f"{'candidate':<13}" + "".join(f"{t:>10}" for t in weights) + f"{'total':>10}{'dcp wins':>10}")
