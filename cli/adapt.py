@@ -115,7 +115,7 @@ def adapt_command(
     from bilalora.adapt.config import resolve_preset
     from bilalora.data import list_images
     from bilalora.errors import UserError
-    from bilalora.objectives import build_objective
+    from bilalora.objectives import build_objective, parse_spec, spec_text
     from bilalora.runs import check_run_dir, choose_run_dir
     from bilalora.search import OptimConfig
 
@@ -156,9 +156,15 @@ def adapt_command(
         "positive": positive,
         "night": night or None,
     }
-    loss = build_objective(objective, **{k: v for k, v in options.items() if v is not None})
+    backbone_options = {part: preset for part, _ in parse_spec(objective)
+                        if (preset := (model.bilalora_info.get("objective_options") or {}).get(part))}
+    loss = build_objective(objective, part_defaults=backbone_options,
+                           **{k: v for k, v in options.items() if v is not None})
     run_dir = choose_run_dir(out, name, resume, exist_ok)
     console.print(f"[bold]bilalora adapt[/] -> {run_dir}")
+    for part, preset in backbone_options.items():
+        console.print(f"objective options of {backbone}: {spec_text(part, preset)} (its registry entry, chosen on "
+                      f"its own validation halves; options written in --objective win)")
     if resume:
         console.print(f"backbone {backbone} ({model.bilalora_info['weights']}), objective {objective}, device {device}; "
                       "the interrupted run's settings apply")

@@ -27,6 +27,7 @@ def sites_command(
     from bilalora import backbones
     from bilalora import sites as site_lib
     from bilalora.backbones.normalize import describe
+    from bilalora.objectives import spec_text
     from bilalora.parsing import parse_hw
     from bilalora.profile import measure_cost
 
@@ -59,3 +60,6 @@ def sites_command(
         names = [site.name for site in site_lib.default_sites(model, objective)]
         console.print(f"--objective {objective} searches {len(names)} of them by default: {', '.join(names)} "
                       f"({', '.join(patterns)}; --sites overrides)")
+    for objective, preset in sorted((model.bilalora_info.get("objective_options") or {}).items()):
+        console.print(f"--objective {objective} on this backbone means {spec_text(objective, preset)} "
+                      "(options written in --objective win)")

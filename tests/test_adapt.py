@@ -648,3 +648,36 @@ def test_prior_run_searches_the_backbones_prior_space_and_resume_keeps_it(tmp_pa
     adapt(_model(), hazy_folder, Prior(), _config(steps=2, search_steps=1), tmp_path / "new", console=console)
     text = console.export_text()
     assert "search space: down_level1_block[1-4] (dea-net-t for the prior objective; --sites " in text
+
+
+def test_reference_objective_gets_the_unadapted_output_and_is_unbound_after(tmp_path, hazy_folder):
+    """An objective that wants the base network's output (prior(detail=...)) gets exactly that, every step."""
+    from bilalora.objectives import Prior
+
+    class Recording(Prior):
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.seen = []
+
+        def bind_reference(self, reference):
+            if reference is None:
+                super().bind_reference(None)
+                return
+
+            def checked(hazy):
+                out = reference(hazy)
+                self.seen.append((hazy.detach().clone(), out.detach().clone()))
+                return out
+
+            super().bind_reference(checked)
+
+    objective = Recording(detail_weight=5.0)
+    config = _config(method="manual", sites=["level3_block1", "down_level2_block1"], steps=3)
+    config.optim.lr = 1e-2
+    result = adapt(_model(), hazy_folder, objective, config, tmp_path / "run")
+    assert len(objective.seen) >= 3 and objective._reference is None
+    base = _model().eval()
+    with torch.no_grad():
+        for hazy, out in objective.seen:
+            torch.testing.assert_close(out, base(hazy), rtol=1e-5, atol=1e-5)
+    assert result.summary["objective"]["weights"]["detail"] == 5.0

@@ -223,3 +223,20 @@ def test_adapt_prints_the_schedule_and_names_bad_files(tmp_path, base_weights):
     for name in corpus["bad"]:
         assert name in flat, name
     assert "held out from both levels" in result.output
+
+
+def test_adapt_takes_the_backbones_objective_options(tmp_path, hazy_folder):
+    """dea-net-s-synthetic's registry entry sets the prior's options; --objective options win."""
+    out = tmp_path / "run"
+    result = _invoke(["adapt", "--images", str(hazy_folder), "--objective", "prior", "--backbone",
+                      "dea-net-s-synthetic", "--out", str(out), "--method", "manual", "--sites", "down_level1_block1",
+                      *FAST])
+    assert "objective options of dea-net-s-synthetic: prior(bright=0,range_gain=0)" in result.output
+    objective = json.loads((out / "summary.json").read_text())["objective"]
+    assert objective["weights"]["bright"] == 0.0 and objective["range_gain"] == 0.0
+    out2 = tmp_path / "run2"
+    _invoke(["adapt", "--images", str(hazy_folder), "--objective", "prior(bright=0.5)", "--backbone",
+             "dea-net-s-synthetic", "--out", str(out2), "--method", "manual", "--sites", "down_level1_block1", *FAST])
+    objective = json.loads((out2 / "summary.json").read_text())["objective"]
+    assert objective["weights"]["bright"] == 0.5 and objective["range_gain"] == 0.0
+    assert backbones.create("dea-net-s").bilalora_info["objective_options"] == {}

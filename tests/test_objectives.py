@@ -33,9 +33,10 @@ from bilalora.objectives import (
     parse_spec,
     parse_spec_options,
     register_objective,
+    spec_text,
 )
 from bilalora.objectives.h2c import NIGHT_NEGATIVE
-from bilalora.objectives.prior import estimate_airlight, gaussian_blur, range_term
+from bilalora.objectives.prior import detail_excess_term, estimate_airlight, fine_detail, gaussian_blur, range_term
 
 ASSETS = Path(__file__).parent / "assets"
 TINY = ASSETS / "tiny_clip.json"
@@ -777,3 +778,58 @@ def test_prior_weights_benchmark_ranks_with_the_default_prior():
     assert "bright" in rows["dcp"] and "saturation" not in rows["dcp"]
     assert totals["dcp"].shape == (2,)
     assert rows["black"]["dcp_better_fraction"] == 1.0 and rows["washed"]["dcp_better_fraction"] == 1.0
+
+
+def test_prior_detail_term_charges_sharpening_beyond_the_reference_only():
+    gen = torch.Generator().manual_seed(4)
+    hazy = textured(seed=7) * 0.5 + 0.4
+    base_output = gaussian_blur(textured(seed=7), 1.0)  # what the unadapted network gives
+    grain = gaussian_blur(torch.randn(base_output.shape, generator=gen), 0.7)
+    sharpened = (base_output + 0.08 * grain / grain.std()).clamp(0, 1)
+    stretched = ((base_output - 0.5) * 1.3 + 0.5).clamp(0, 1)  # 1.3x contrast: within the free gain 1.5
+    assert float(detail_excess_term(base_output, base_output).max()) == 0.0
+    assert float(detail_excess_term(stretched, base_output).max()) == 0.0
+    assert float(detail_excess_term(sharpened, base_output).min()) > 0.002  # fine detail 0.015 -> 0.026
+    assert float(detail_excess_term(sharpened, base_output, gain=20.0).max()) == 0.0
+    assert fine_detail(base_output).shape == (base_output.shape[0], 1, base_output.shape[2] // 8,
+                                              base_output.shape[3] // 8)
+    # the reference gets no gradient, the output does
+    reference = base_output.clone().requires_grad_(True)
+    output = sharpened.clone().requires_grad_(True)
+    detail_excess_term(output, reference).sum().backward()
+    assert reference.grad is None and float(output.grad.abs().sum()) > 0
+
+    prior = Prior(detail_weight=10.0)
+    assert prior.wants_reference and not Prior().wants_reference
+    with pytest.raises(UserError, match="bilalora adapt"):
+        prior(sharpened, hazy)
+    calls = []
+
+    def reference_fn(batch):
+        calls.append(batch)
+        return base_output
+
+    prior.bind_reference(reference_fn)
+    assert float(prior(sharpened, hazy)) > float(prior(base_output, hazy))  # same hazy batch: one reference call
+    assert len(calls) == 1 and "prior.detail" in prior.last_terms
+    assert prior.describe()["weights"]["detail"] == 10.0 and prior.describe()["detail_gain"] == 1.5
+    composite = Composite([(Prior(detail_weight=1.0), 1.0), (Prior(), 0.5)])
+    assert composite.wants_reference and not Composite([(Prior(), 1.0)]).wants_reference
+    composite.bind_reference(reference_fn)
+    assert float(composite(base_output, hazy)) >= 0 and "prior.detail" in composite.last_terms
+    for bad in ({"detail_gain": 0.5}, {"detail_sigma": 0.0}, {"detail_weight": -1}):
+        with pytest.raises(UserError, match="detail"):
+            Prior(**bad)
+
+
+def test_part_defaults_replace_a_parts_defaults_and_the_spec_wins():
+    synthetic = {"prior": {"bright_weight": 0.0, "range_gain": 0.0}}
+    plain = build_objective("prior", part_defaults=synthetic)
+    assert plain.weights["bright_weight"] == 0.0 and plain.range_gain == 0.0
+    written = build_objective("prior(bright=0.5)", part_defaults=synthetic)
+    assert written.weights["bright_weight"] == 0.5 and written.range_gain == 0.0
+    assert build_objective("prior").weights["bright_weight"] == 0.25  # nothing given: the objective's own defaults
+    with pytest.raises(TypeError, match="no option"):
+        build_objective("prior", part_defaults={"prior": {"brightness_weight": 0.0}})
+    assert spec_text("prior", synthetic["prior"]) == "prior(bright=0,range_gain=0)"
+    assert build_objective(spec_text("prior", synthetic["prior"])).describe() == plain.describe()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from ..runs import ADAPTER_NAME, FULL_NAME, check_run_dir, checkpoint_path, clea
 from .config import (PRESET_FIELDS, AdaptConfig, describe_preset, reconcile_resume, resolve_preset,
                      resolve_search_space)
 from .loop import run_stages, truncate_log
-from .report import gate_separation, movement, plot_results
+from .report import gate_separation, is_channels_last, movement, plot_results
 from .schedule import Schedule, Split, StepCrops, eval_batches, image_subset, resolve_schedule, split_images
 from .state import AdaptState, read_checkpoint
 
@@ -136,12 +137,14 @@ def adapt(
                 f"--sites {','.join(default)} searches the backbone's default space)")
         state = _start_state(model, config, device, base_fingerprint, schedule, record, run_dir, say)
         autocast = autocast_factory(device, config.precision)
-        _run(state, schedule, data, objective, autocast, run_dir, console, on_step)
+        with _reference_bound(objective, base, state.model, device, autocast):
+            _run(state, schedule, data, objective, autocast, run_dir, console, on_step)
     except BaseException:
         if created and not checkpoint_path(run_dir).is_file():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave no empty run folder
         raise
-    return _finish(state, base, schedule, data, objective, images, run_dir, device, say)
+    with _reference_bound(objective, base, state.model, device, autocast):
+        return _finish(state, base, schedule, data, objective, images, run_dir, device, say)
 
 
 def _settle_config(config: AdaptConfig | None, record: dict | None, given, device: str, say) -> AdaptConfig:
@@ -304,6 +307,33 @@ def _run(state: AdaptState, schedule: Schedule, data: _Data, objective, autocast
                 raise
     finally:
         torch.backends.cudnn.benchmark = previous
+
+
+@contextlib.contextmanager
+def _reference_bound(objective, base: nn.Module, model: nn.Module, device: str, autocast):
+    """Within: an objective that wants the unadapted network's output (``wants_reference``) has it bound."""
+    if not getattr(objective, "wants_reference", False):
+        yield
+        return
+    objective.bind_reference(_reference(base, model, device, autocast))
+    try:
+        yield
+    finally:
+        objective.bind_reference(None)
+
+
+def _reference(base: nn.Module, model: nn.Module, device: str, autocast) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``reference(hazy)``: the unadapted network's output, (N, 3, H, W), no gradient, in the precision and
+    memory layout the adapted model runs in (a copy of the base on ``device``)."""
+    layout = torch.channels_last if is_channels_last(model) else torch.contiguous_format
+    frozen = base.to(device=device, memory_format=layout).eval()
+
+    @torch.no_grad()
+    def reference(hazy: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return frozen(hazy).float()
+
+    return reference
 
 
 def _finish(state: AdaptState, base: nn.Module, schedule: Schedule, data: _Data, objective, images, run_dir: Path,

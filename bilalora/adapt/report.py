@@ -12,7 +12,7 @@ from torch import nn
 
 from ..io import atomic_path
 
-__all__ = ["gate_separation", "movement", "plot_results"]
+__all__ = ["gate_separation", "is_channels_last", "movement", "plot_results"]
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def movement(base: nn.Module, adapted: nn.Module, objective, batches: Sequence[t
         {"mean_abs_output_change", "objective_before", "objective_after", "images"} (floats; 0 images
         when ``batches`` is empty, with None values).
     """
-    layout = torch.channels_last if _is_channels_last(adapted) else torch.contiguous_format
+    layout = torch.channels_last if is_channels_last(adapted) else torch.contiguous_format
     base = base.to(device=device, dtype=torch.float32, memory_format=layout)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     count = 0
@@ -49,7 +49,8 @@ def movement(base: nn.Module, adapted: nn.Module, objective, batches: Sequence[t
     return {"mean_abs_output_change": change, "objective_before": before, "objective_after": after, "images": count}
 
 
-def _is_channels_last(model: nn.Module) -> bool:
+def is_channels_last(model: nn.Module) -> bool:
+    """True when the model's first spatial convolution weight is stored channels-last."""
     for param in model.parameters():
         if param.dim() == 4 and param.shape[1] > 1 and param.shape[2] * param.shape[3] > 1:
             return param.is_contiguous(memory_format=torch.channels_last) and not param.is_contiguous()

@@ -67,6 +67,14 @@ DEA_NET_SEARCH_SITES = (
 #: splits 35-38 % (adapt_eval_level1_seed*.json), against -32 / +6 / -2 % before.
 DEA_NET_PRIOR_SITES = ("down_level1_block[1-4]",)
 
+#: The prior's options on ``dea-net-s-synthetic`` (trained on synthetic pairs only): the bright
+#: term and the range gain off, i.e. the prior's defaults before they were chosen on the shipped
+#: dea-net-s. Measured on this base's own real_day validation halves (three seeds,
+#: benchmarks/results/objective_val_day_9a45654d.json): FADE -17.2 / -9.2 / -2.4 % against the
+#: base with these options, -6.5 / -4.2 / +1.5 % with the shipped base's defaults, which lift this
+#: dark, brown base's output into a milky grey that FADE reads as haze.
+SYNTHETIC_PRIOR_OPTIONS = {"bright_weight": 0.0, "range_gain": 0.0}
+
 
 @dataclass
 class BackboneSpec:
@@ -80,6 +88,10 @@ class BackboneSpec:
         objective_sites: search spaces for particular objectives, by objective name
             (``{"prior": patterns}``), where measurement showed the default one to mislead
             that objective's search; a searching run without ``--sites`` takes them.
+        objective_options: default options of particular objectives on this backbone, by
+            objective name (``{"prior": {"bright_weight": 0.0}}``, keys as the objective
+            factory's parameters), where its own validation halves chose other settings than
+            the objective's defaults; options written in ``--objective`` win.
         weights_file: file name under :data:`WEIGHTS_DIR` of shipped weights, if any.
         pad_multiple: H and W must be multiples of this.
         kwargs: keyword arguments passed to ``factory``.
@@ -97,6 +109,7 @@ class BackboneSpec:
     description: str = ""
     default_sites: Optional[tuple[str, ...]] = None
     objective_sites: dict = field(default_factory=dict)
+    objective_options: dict = field(default_factory=dict)
     weights_file: Optional[str] = None
     pad_multiple: int = 4
     kwargs: dict = field(default_factory=dict)
@@ -191,6 +204,7 @@ def create(name: str, **kwargs):
         "pad_multiple": int(getattr(model, "pad_multiple", spec.pad_multiple)),
         "default_sites": list(sites) if sites is not None else None,
         "objective_sites": {name: list(patterns) for name, patterns in spec.objective_sites.items()},
+        "objective_options": {name: dict(options) for name, options in spec.objective_options.items()},
         "input_norm": None,
     }
     return model
@@ -307,6 +321,7 @@ register(
         "DEA-Net, width 16, trained on synthetic indoor pairs only (the paper's synthetic-to-real setting)",
         weights_file="dea-net-s-synthetic.safetensors",
         kwargs={"width": 16},
+        objective_options={"prior": SYNTHETIC_PRIOR_OPTIONS},
         **_DEA_NET_SHARED,
     )
 )

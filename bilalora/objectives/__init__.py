@@ -42,6 +42,7 @@ __all__ = [
     "parse_spec",
     "parse_spec_options",
     "register_objective",
+    "spec_text",
 ]
 
 log = logging.getLogger("bilalora.objectives")
@@ -97,6 +98,14 @@ class Composite(Objective):
     def prepare(self, hazy: torch.Tensor) -> None:
         for obj, _ in self.parts:
             obj.prepare(hazy)
+
+    @property
+    def wants_reference(self) -> bool:  # type: ignore[override]
+        return any(obj.wants_reference for obj, _ in self.parts)
+
+    def bind_reference(self, reference) -> None:
+        for obj, _ in self.parts:
+            obj.bind_reference(reference)
 
     def describe(self) -> dict:
         return {"name": self.name, "parts": [{"weight": w, **obj.describe()} for obj, w in self.parts]}
@@ -193,6 +202,15 @@ def parse_spec(spec: str) -> list[tuple[str, float | None]]:
     return [(name, weight) for name, weight, _ in _parse(spec)]
 
 
+def spec_text(name: str, options: dict[str, Any]) -> str:
+    """``("prior", {"bright_weight": 0.0, "range_gain": 0.0})`` -> ``"prior(bright=0,range_gain=0)"`` (spec syntax)."""
+    def value(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+    inner = ",".join(f"{key.removesuffix('_weight')}={value(v)}" for key, v in options.items())
+    return f"{name}({inner})" if inner else name
+
+
 def parse_spec_options(spec: str) -> dict[str, dict[str, Any]]:
     """``"prior(range=1,colour=0)"`` -> ``{"prior": {"range_weight": 1.0, "colour_weight": 0.0}}``."""
     return {name: options for name, _, options in _parse(spec)}
@@ -219,7 +237,7 @@ def _is_default(option: str, value: Any) -> bool:
     return False
 
 
-def build_objective(spec: str, **options: Any) -> Objective:
+def build_objective(spec: str, part_defaults: dict[str, dict[str, Any]] | None = None, **options: Any) -> Objective:
     """Build an objective from a spec (``h2c``, ``prior``, ``h2c+prior``, ``h2c:1+prior:0.5``).
 
     Args:
@@ -233,6 +251,9 @@ def build_objective(spec: str, **options: Any) -> Objective:
             ``dark_floor``, ``hue_reference``. None values are dropped; an option
             that only unselected parts accept is ignored (logged as a warning
             unless it equals that part's default, e.g. ``night=False``).
+        part_defaults: options by part name (``{"prior": {"bright_weight": 0.0}}``, keys as
+            the part factory's parameters), e.g. a backbone's ``objective_options``: they
+            replace that part's defaults and keyword options; options in the spec win.
 
     Returns:
         The single objective for a bare single name, else a :class:`Composite`
@@ -262,6 +283,11 @@ def build_objective(spec: str, **options: Any) -> Objective:
         names, var_kw = _accepted(factory)
         kwargs = {k: v for k, v in options.items() if var_kw or k in names}
         used |= set(kwargs)
+        preset = (part_defaults or {}).get(name) or {}
+        unknown = sorted(k for k in preset if not (var_kw or k in names))
+        if unknown:
+            raise TypeError(f"build_objective: {name} has no option(s) {', '.join(unknown)} (part_defaults)")
+        kwargs.update(preset)
         kwargs.update(own)
         try:
             built.append((factory(**kwargs), 1.0 if weight is None else weight))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -158,6 +159,14 @@ class Objective(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """JSON-able settings (name, prompts, CLIP model and source, term weights, mode)."""
         return {"name": self.name}
+
+    #: True when some term compares the output with the unadapted network's output on the same
+    #: input; :func:`bilalora.adapt.adapt` then binds one with :meth:`bind_reference`.
+    wants_reference: bool = False
+
+    def bind_reference(self, reference: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Give the objective ``reference(hazy) -> (N, 3, H, W)``: the unadapted network's output on the
+        hazy batch (no gradient), or None to unbind (default: ignored)."""
 
     def to(self, device) -> Objective:
         """Move every tensor the objective holds to ``device``; returns self."""
