@@ -239,4 +239,5 @@ def test_adapt_takes_the_backbones_objective_options(tmp_path, hazy_folder):
              "dea-net-s-synthetic", "--out", str(out2), "--method", "manual", "--sites", "down_level1_block1", *FAST])
     objective = json.loads((out2 / "summary.json").read_text())["objective"]
     assert objective["weights"]["bright"] == 0.5 and objective["range_gain"] == 0.0
-    assert backbones.create("dea-net-s").bilalora_info["objective_options"] == {}
+    assert backbones.create("dea-net-t").bilalora_info["objective_options"] == {}
+    assert backbones.create("dea-net-s").bilalora_info["objective_options"]["prior"]["detail_weight"] > 0
