@@ -77,7 +77,7 @@ SYNTHETIC_PRIOR_OPTIONS = {"bright_weight": 0.0, "range_gain": 0.0}
 
 #: The prior's options on the shipped ``dea-net-s``: the detail term (fine detail free up to twice
 #: the base network's, weight 10) with a range gain of 3. Chosen on real_day's validation halves
-#: of three seeds (benchmarks/results/objective_val_day_3ca219c1.json, rows of stop 21) against
+#: of three seeds (benchmarks/results/objective_val_day_3ca219c1.json, rows DR0-DR2) against
 #: the prior's defaults: both side conditions met on the same two halves of three, and the worst
 #: miss smaller on both (PIQE +3.4 % against +4.0 % above the stretch row, entropy -1.8 % against
 #: -1.9 %); it removes less haze (FADE -30 / -30 / -32 % against -37 / -32 / -31 %).
