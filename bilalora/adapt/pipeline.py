@@ -123,27 +123,27 @@ def adapt(
     config = _settle_config(config, record, given, device, say)
     if record is None:
         config = resolve_search_space(config, model, getattr(objective, "name", None))
-    try:
-        if not resume and not created:
-            _replace_earlier_run(run_dir, say)
-        data = _load_data(images, run_dir, config, resume, say)
-        base, base_fingerprint = _prepare_model(model, record, config.crop)
-        schedule = resolve_schedule(config, len(data.train))
-        say(describe_preset(config, device, resumed=record is not None))
-        say(schedule.describe())
-        if config.search_space:
-            default = (getattr(model, "bilalora_info", None) or {}).get("default_sites") or ["'*'"]
-            say(f"search space: {', '.join(config.sites)} ({config.search_space}; "
-                f"--sites {','.join(default)} searches the backbone's default space)")
-        state = _start_state(model, config, device, base_fingerprint, schedule, record, run_dir, say)
-        autocast = autocast_factory(device, config.precision)
-        with _reference_bound(objective, base, state.model, device, autocast):
+    with contextlib.ExitStack() as bound:  # the base output stays bound from the first step to the report
+        try:
+            if not resume and not created:
+                _replace_earlier_run(run_dir, say)
+            data = _load_data(images, run_dir, config, resume, say)
+            base, base_fingerprint = _prepare_model(model, record, config.crop)
+            schedule = resolve_schedule(config, len(data.train))
+            say(describe_preset(config, device, resumed=record is not None))
+            say(schedule.describe())
+            if config.search_space:
+                default = (getattr(model, "bilalora_info", None) or {}).get("default_sites") or ["'*'"]
+                say(f"search space: {', '.join(config.sites)} ({config.search_space}; "
+                    f"--sites {','.join(default)} searches the backbone's default space)")
+            state = _start_state(model, config, device, base_fingerprint, schedule, record, run_dir, say)
+            autocast = autocast_factory(device, config.precision)
+            bound.enter_context(_reference_bound(objective, base, state.model, device, autocast))
             _run(state, schedule, data, objective, autocast, run_dir, console, on_step)
-    except BaseException:
-        if created and not checkpoint_path(run_dir).is_file():
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave no empty run folder
-        raise
-    with _reference_bound(objective, base, state.model, device, autocast):
+        except BaseException:
+            if created and not checkpoint_path(run_dir).is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing resumable: leave no empty run folder
+            raise
         return _finish(state, base, schedule, data, objective, images, run_dir, device, say)
 
 

@@ -599,7 +599,7 @@ class Prior(Objective):
 
         def compute(batch: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return self._reference(batch).detach().float().clamp(0.0, 1.0)
+                return self._reference(batch).float().clamp(0.0, 1.0)
 
         return self._reference_cache.get(hazy, compute)
 
